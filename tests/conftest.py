@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from toco.config import load_config
+from toco.models import build_model
+
+TINY = ["model.backbone_kwargs={patch_size: 8, img_size: 32, embed_dim: 32, depth: 4, num_heads: 2}",
+        "model.decoder_channels=16", "model.proj_hidden=32", "model.proj_bottleneck=16", "model.proj_out=24"]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The synthetic experiment shrunk to seconds: 32-px images, a 4-block ViT of width 32."""
+    return load_config("experiments/synthetic.yaml", TINY + [
+        "data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",
+        "data.synth_train=16", "data.synth_val=4", "data.num_workers=0", "pseudo.par_dilations=[1, 2]",
+        "pseudo.par_iters=2", "loss.seg_start=2", "loss.reg_sigma_xy=8.0", "train.max_iters=4",
+        "train.eval_every=4", "train.log_every=2", "train.ckpt_every=2", "optim.warmup_iters=2"])
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg.model, tiny_cfg.data.num_classes)

@@ -1,0 +1,66 @@
+import pytest
+
+from toco.config import Config, ConfigError, flatten, load_config, save_config
+
+
+def test_defaults_are_the_papers_voc_values():
+    cfg = Config()
+    assert (cfg.pseudo.bkg_thre, cfg.pseudo.high_thre, cfg.pseudo.low_thre) == (0.5, 0.7, 0.25)
+    assert (cfg.loss.w_ptc, cfg.loss.w_ctc, cfg.loss.w_seg, cfg.loss.w_reg) == (0.2, 0.5, 0.1, 0.05)
+    assert cfg.optim.lr == 6e-5 and cfg.optim.warmup_iters == 1500 and cfg.train.max_iters == 20000
+    assert cfg.pseudo.cam_scales == (1.0, 0.5, 1.5) and cfg.pseudo.par_dilations == (1, 2, 4, 8, 12, 24)
+
+
+@pytest.mark.parametrize("name", ["voc_vit_b", "voc_deit_b", "coco_vit_b", "coco_deit_b", "synthetic"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"experiments/{name}.yaml")
+    assert cfg.data.num_classes == {"voc": 21, "coco": 81, "synthetic": 5}[cfg.data.name]
+
+
+def test_coco_inherits_and_overrides():
+    cfg = load_config("experiments/coco_deit_b.yaml")
+    assert cfg.model.backbone.startswith("deit_base_patch16_224")
+    assert (cfg.pseudo.bkg_thre, cfg.pseudo.high_thre) == (0.45, 0.65)
+    assert (cfg.loss.seg_start, cfg.loss.ptc_ctc_start, cfg.loss.ctc_temperature) == (8000, 12000, 1.0)
+    assert cfg.train.max_iters == 80000 and cfg.train.batch_size == 8
+
+
+def test_overrides_are_typed_yaml_scalars():
+    cfg = load_config("experiments/synthetic.yaml", ["optim.lr=1e-3", "pseudo.cam_scales=[1.0, 2]",
+                                                     "data.root=null", "train.max_iters=7"])
+    assert cfg.optim.lr == 1e-3 and cfg.pseudo.cam_scales == (1.0, 2.0)
+    assert cfg.data.root is None and cfg.train.max_iters == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.max_iters=1.5", "train.max_iters"),
+    ("data=3", "data"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("nonsense", "key=value"),
+])
+def test_bad_keys_and_types_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("experiments/synthetic.yaml", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  w_ptcc: 0.3\n")
+    with pytest.raises(ConfigError, match="loss.w_ptcc"):
+        load_config(bad)
+
+
+def test_config_strings_are_never_evaluated(tmp_path):
+    cfg = load_config(None, ["output_dir=__import__('os').getcwd()"])
+    assert cfg.output_dir == "__import__('os').getcwd()"
+
+
+def test_save_load_round_trip_and_flatten(tmp_path):
+    cfg = load_config("experiments/synthetic.yaml", ["loss.w_ctc=0.25"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["loss.w_ctc"] == 0.25 and flat["model.backbone_kwargs"]["embed_dim"] == 128

@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toco.models.heads import CTCHead
+
+
+def test_shapes_at_any_input_size(tiny_model):
+    out = tiny_model(torch.randn(2, 3, 32, 32))
+    assert out.cls_logits.shape == (2, 4) and out.aux_cls_logits.shape == (2, 4)
+    assert out.seg_logits.shape == (2, 5, 4, 4) and out.tokens.shape == (2, 32, 4, 4)
+    cam, aux_cam = tiny_model.forward_cams(torch.randn(1, 3, 48, 16))  # position table interpolated
+    assert cam.shape == aux_cam.shape == (1, 4, 6, 2)
+
+
+def test_aux_tokens_come_from_block_minus_3_without_final_norm(tiny_model):
+    x = torch.randn(1, 3, 32, 32)
+    enc = tiny_model.encode(x)
+    vit = tiny_model.encoder
+    h = vit._pos_embed(vit.patch_embed(x))
+    for blk in vit.blocks[: len(vit.blocks) - 2]:  # blocks 0..depth-3 inclusive = index -3
+        h = blk(h)
+    expected = h[:, 1:].transpose(1, 2).reshape(1, 32, 4, 4)
+    torch.testing.assert_close(enc.aux_tokens, expected)
+    for blk in vit.blocks[len(vit.blocks) - 2:]:
+        h = blk(h)
+    h = vit.norm(h)
+    torch.testing.assert_close(enc.cls_token, h[:, 0])
+    torch.testing.assert_close(enc.tokens, h[:, 1:].transpose(1, 2).reshape(1, 32, 4, 4))
+
+
+def test_scores_are_gmp_then_classifier_and_cam_is_the_classifier_per_token(tiny_model):
+    x = torch.randn(2, 3, 32, 32)
+    enc = tiny_model.encode(x)
+    out = tiny_model.heads(enc)
+    weight = tiny_model.classifier.weight[:, :, 0, 0]  # (C-1, D)
+    pooled = enc.tokens.amax(dim=(2, 3))  # (B, D)
+    torch.testing.assert_close(out.cls_logits, pooled @ weight.t())
+    cam, _ = tiny_model.forward_cams(x)
+    torch.testing.assert_close(cam, torch.einsum("cd,bdhw->bchw", weight, enc.tokens))
+    assert tiny_model.classifier.bias is None and tiny_model.aux_classifier.bias is None
+
+
+def test_ctc_head_outputs_cosines_with_frozen_unit_norm():
+    head = CTCHead(8, hidden=16, bottleneck=4, out_dim=6)
+    y = head(torch.randn(5, 8))
+    assert y.shape == (5, 6) and y.abs().max() <= 1 + 1e-6
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    w = head.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(6))
+
+
+def test_teacher_is_an_ema_of_the_student_head_only(tiny_model):
+    student = [p.detach().clone() for p in tiny_model.proj_head.parameters()]
+    with torch.no_grad():
+        for p in tiny_model.proj_head.parameters():
+            p.add_(1.0)
+    teacher_before = [p.detach().clone() for p in tiny_model.proj_head_teacher.parameters()]
+    encoder_before = [p.detach().clone() for p in tiny_model.encoder.parameters()]
+    tiny_model.update_teacher(0.9)
+    for t0, s0, t in zip(teacher_before, student, tiny_model.proj_head_teacher.parameters()):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * (s0 + 1.0))
+    for e0, e in zip(encoder_before, tiny_model.encoder.parameters()):
+        assert torch.equal(e0, e)
+    assert all(not p.requires_grad for p in tiny_model.proj_head_teacher.parameters())
+
+
+def test_missing_pretrained_file_is_a_clear_error(tiny_cfg):
+    from toco.models import build_model
+
+    tiny_cfg.model.pretrained = True
+    tiny_cfg.model.pretrained_file = "/nonexistent/vit.pth"
+    with pytest.raises(FileNotFoundError, match="model.pretrained_file.*/nonexistent/vit.pth"):
+        build_model(tiny_cfg.model, 5)
+
+
+def test_pretrained_weights_load_from_a_local_file(tiny_cfg, tiny_model, tmp_path):
+    from toco.models import build_model
+
+    path = tmp_path / "vit.pth"
+    torch.save(tiny_model.encoder.state_dict(), path)
+    tiny_cfg.model.pretrained, tiny_cfg.model.pretrained_file = True, str(path)
+    loaded = build_model(tiny_cfg.model, 5)
+    torch.testing.assert_close(loaded.encoder.blocks[0].attn.qkv.weight, tiny_model.encoder.blocks[0].attn.qkv.weight)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode(x).tokens, tiny_model.encode(x).tokens)
+    assert F.mse_loss(loaded.encode(x).tokens, tiny_model.encode(x).tokens) == 0

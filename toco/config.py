@@ -1,0 +1,259 @@
+"""Typed configuration: dataclasses whose defaults are the paper's VOC values (SPEC §1-4).
+
+YAML files in `experiments/` override only what differs; `key=value` overrides on the command line
+(`optim.lr=1e-4`) are parsed as YAML scalars. An unknown key or a value of the wrong type fails before
+any work starts, naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    name: str = "voc"                    # synthetic | voc | coco
+    root: str | None = None              # dataset root; synthetic with None = generated in memory
+    list_dir: str | None = None          # split lists (default: the dataset's own folder)
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    num_classes: int = 21                # including background
+    crop_size: int = 448
+    rescale_range: tuple[float, float] = (0.5, 2.0)
+    local_crop_size: int = 96            # CTC local views
+    num_local_crops: int = 8
+    val_size: int = 448                  # in-training validation resizes to this (SPEC §5)
+    num_workers: int = 2
+    synth_size: int = 96                 # synthetic generator: image side, split sizes, seed
+    synth_train: int = 2000
+    synth_val: int = 200
+    synth_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k"  # any timm ViT / DeiT name
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. embed_dim/depth for the tiny CPU model
+    pretrained: bool = True
+    pretrained_file: str | None = None   # local weights; None + pretrained = timm hub (needs network)
+    aux_layer: int = -3                  # block whose tokens feed the auxiliary classifier (10th of 12)
+    decoder_channels: int = 512
+    decoder_dilation: int = 5
+    proj_hidden: int = 2048
+    proj_bottleneck: int = 256
+    proj_out: int = 1024
+    freeze_pos_embed: bool = True        # the original keeps the position table frozen
+
+
+@dataclass
+class LossConfig:
+    w_ptc: float = 0.2
+    w_ctc: float = 0.5
+    w_seg: float = 0.1
+    w_reg: float = 0.05
+    ctc_temperature: float = 0.5
+    ema_momentum: float = 0.9
+    use_ptc: bool = True                 # ablations switch whole terms off
+    use_ctc: bool = True
+    seg_start: int = 2000                # seg + reg join after this iteration (VOC)
+    ptc_ctc_start: int = 0               # COCO: 12000
+    cam_source_until: int = 0            # COCO: seg labels from aux-CAM before this iteration (8000->12000)
+    reg_sigma_rgb: float = 15.0
+    reg_sigma_xy: float = 100.0
+    reg_scale: float = 0.5
+    reg_weight: float = 1e-7
+    reg_backend: str = "exact"           # bilateral filter backend (toco.filters)
+
+
+@dataclass
+class PseudoConfig:
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    bkg_thre: float = 0.5
+    high_thre: float = 0.7
+    low_thre: float = 0.25
+    uncertain_ratio: float = 0.2         # CTC local crop is negative at or below this share
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iters: int = 10
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0           # classifiers, projection head, decoder
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 20000
+    batch_size: int = 4                  # global batch (the paper: 2 GPUs x 2)
+    eval_every: int = 2000
+    log_every: int = 200
+    ckpt_every: int = 2000
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda
+    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    val_limit: int = 0                   # evaluate on the first N val images; 0 = all
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "toco"
+    run_name: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "runs/default"
+    legacy_bugs: bool = False            # reproduce the original code's three bugs (SPEC §7)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {key!r}: {value!r} is not of type {tp}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"config key {key!r}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a section; expected a mapping, got {value!r}")
+            _apply(current, value, path + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _dotted_to_nested(overrides: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)  # a YAML scalar or list, never evaluated as code
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (with optional `base:` chain) <- key=value overrides."""
+    cfg = Config()
+    for layer in _yaml_chain(Path(path)) if path else []:
+        _apply(cfg, layer)
+    if overrides:
+        _apply(cfg, _dotted_to_nested(overrides))
+    return cfg
+
+
+def _yaml_chain(path: Path) -> list[dict]:
+    """A YAML file may name a `base:` file (relative to itself) whose values it overrides."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    base = data.pop("base", None)
+    chain = _yaml_chain(path.parent / base) if base else []
+    return chain + [data]
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'optim.lr': 6e-5, ...} for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "backbone_kwargs":
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    with open(path, "w") as f:
+        yaml.safe_dump(plain(to_dict(cfg)), f, sort_keys=False)

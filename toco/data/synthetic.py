@@ -1,0 +1,309 @@
+"""Procedural WSSS benchmark: textured shapes on textured backgrounds.
+
+A foreground class is a SHAPE and a TEXTURE together (striped disc, checkered square, ...). Every object gets two
+random colours from the same distribution the background uses, so no single pixel's colour tells the class: the
+network has to look at shape and texture, as in real WSSS, while training only on image-level labels.
+
+Sample `i` of a split depends only on `(seed, split, i)` (a numpy SeedSequence over those three numbers), so splits
+are reproducible, independent of each other, and can be generated lazily in any order by DataLoader workers.
+All sizes (object radius, texture period, background blobs) are relative to the image side.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from toco.data.datasets import Sample, labels_from_mask, save_mask_png
+from toco.metrics import ConfusionMatrix
+
+SYNTH_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "striped_disc",
+    "checkered_square",
+    "dotted_triangle",
+    "ringed_cross",
+    "zigzag_annulus",
+    "gridded_star",
+)
+MAX_SYNTH_CLASSES = len(SYNTH_CLASS_NAMES)
+
+# split name -> stream id mixed into the seed; "train_aug" is the VOC name for the training list
+_SPLIT_STREAM = {"train": 0, "train_aug": 0, "val": 1}
+
+_RADIUS_RANGE = (0.075, 0.225)   # object radius / image side -> diameter 15-45% of the side
+_PERIOD_RANGE = (0.06, 0.09)     # texture period / image side (about 6-9 px at 96 px)
+_MIN_CONTRAST = 90.0             # min RGB distance between an object's two texture colours
+_EXTENT = 1.3                    # shapes fit in a box of +-_EXTENT radii around the centre
+
+
+# ---- shapes: (u, v) in object frame, units of the radius -> bool mask -------------------------------------------
+def _disc(u, v):
+    return u * u + v * v <= 1.0
+
+
+def _square(u, v):
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.85
+
+
+def _triangle(u, v):
+    # equilateral, circumradius 1.25 (inradius 0.625) so its area is close to the other shapes'
+    inside = np.ones(u.shape, dtype=bool)
+    for ang in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3):
+        inside &= u * np.cos(ang) + v * np.sin(ang) <= 0.625
+    return inside
+
+
+def _cross(u, v):
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= 0.35) & (av <= 1.0)) | ((av <= 0.35) & (au <= 1.0))
+
+
+def _annulus(u, v):
+    rho2 = u * u + v * v
+    return (rho2 >= 0.25) & (rho2 <= 1.0)
+
+
+def _star(u, v):
+    rho = np.sqrt(u * u + v * v)
+    return rho <= 0.65 + 0.45 * np.cos(5 * np.arctan2(v, u))   # 5 tips at radius 1.1, waist 0.2
+
+
+# ---- textures: (a, b) in object frame, units of the texture period -> signed distance in periods ---------------
+# positive = second colour. Converted to a soft 0..1 mix with a ~1 px transition (no aliasing).
+def _stripes(a, b):
+    return np.sin(2 * np.pi * a) / (2 * np.pi)
+
+
+def _checker(a, b):
+    return np.sin(np.pi * a) * np.sin(np.pi * b) / np.pi
+
+
+def _dots(a, b):
+    fa, fb = a - np.round(a), b - np.round(b)
+    return 0.3 - np.sqrt(fa * fa + fb * fb)
+
+
+def _rings(a, b):
+    return np.sin(2 * np.pi * np.sqrt(a * a + b * b)) / (2 * np.pi)
+
+
+def _zigzag(a, b):
+    tri = np.abs(2 * (b - np.floor(b)) - 1)                     # triangle wave in b, 0..1
+    return np.sin(2 * np.pi * (a + 0.6 * tri)) / (2 * np.pi)
+
+
+def _grid(a, b):
+    fa, fb = np.abs(a - np.round(a)), np.abs(b - np.round(b))
+    return 0.14 - np.minimum(fa, fb)
+
+
+# class k (1-based) -> (shape, texture); order matches SYNTH_CLASS_NAMES
+_CLASSES = (
+    (_disc, _stripes),
+    (_square, _checker),
+    (_triangle, _dots),
+    (_cross, _rings),
+    (_annulus, _zigzag),
+    (_star, _grid),
+)
+
+
+@lru_cache(maxsize=16)
+def _upsample_matrix(size: int, grid: int) -> np.ndarray:
+    """(size, grid) bilinear interpolation weights: field = W @ coarse @ W.T."""
+    pos = np.linspace(0, grid - 1, size)                        # (size,)
+    return np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(grid)[None, :]))
+
+
+def _check_args(split: str, size: int, num_classes: int) -> None:
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_STREAM)}, got {split!r}")
+    if not 2 <= num_classes <= MAX_SYNTH_CLASSES:
+        raise ValueError(f"synthetic num_classes (incl. background) must be in 2..{MAX_SYNTH_CLASSES}, "
+                         f"got {num_classes}")
+    if size < 16:
+        raise ValueError(f"synthetic image size must be >= 16, got {size}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth random colour field + a weak wave or blotch texture, (size, size, 3) float."""
+    grid = int(rng.integers(2, 5))
+    up = _upsample_matrix(size, grid)
+    coarse = rng.uniform(0, 255, (grid, grid, 3))
+    field = (up @ coarse.transpose(2, 0, 1) @ up.T).transpose(1, 2, 0)   # (size, size, 3)
+
+    colour_dir = rng.uniform(-1, 1, 3)                          # weak texture tints a random colour direction
+    amp = rng.uniform(8, 22)
+    if rng.random() < 0.5:                                      # wavy lines, longer periods than class textures
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        ang = rng.uniform(0, np.pi)
+        period = rng.uniform(0.12, 0.3)
+        along = xx * np.cos(ang) + yy * np.sin(ang)
+        across = -xx * np.sin(ang) + yy * np.cos(ang)
+        pattern = np.sin(2 * np.pi * (along / period + 0.3 * np.sin(2 * np.pi * across / (2 * period))))
+    else:                                                       # blotchy value noise
+        cells = max(size // 8, 2)
+        fine = _upsample_matrix(size, cells)
+        pattern = fine @ rng.uniform(-1, 1, (cells, cells)) @ fine.T
+    return field + amp * pattern[..., None] * colour_dir
+
+
+def _object_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two texture colours, both uniform in RGB, redrawn until the texture is visible."""
+    c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    while np.linalg.norm(c1 - c2) < _MIN_CONTRAST:
+        c2 = rng.uniform(0, 255, 3)
+    return c1, c2
+
+
+def _place_centres(rng: np.random.Generator, radii: np.ndarray, size: int, tries: int = 12) -> np.ndarray:
+    """Centres (n, 2) in px inside the image; objects may overlap but no object hides most of another."""
+    centres = np.zeros((len(radii), 2))
+    for i, r in enumerate(radii):
+        cand = rng.uniform(r, size - r, (tries, 2))              # (tries, 2) y, x
+        if i == 0:
+            centres[i] = cand[0]
+            continue
+        dist = np.linalg.norm(cand[:, None, :] - centres[None, :i, :], axis=-1)    # (tries, i)
+        slack = (dist / (0.75 * (r + radii[:i])[None, :])).min(axis=1)             # >= 1: well separated
+        ok = np.flatnonzero(slack >= 1.0)
+        centres[i] = cand[ok[0] if len(ok) else int(np.argmax(slack))]
+    return centres
+
+
+def generate_sample(seed: int, index: int, size: int = 96, num_classes: int = 5,
+                    split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image and its mask.
+
+    Returns image uint8 (size, size, 3) RGB and mask uint8 (size, size) with values 0..num_classes-1
+    (num_classes includes background). Depends only on (seed, split, index, size, num_classes).
+    """
+    _check_args(split, size, num_classes)
+    rng = np.random.default_rng([int(seed), _SPLIT_STREAM[split], int(index)])
+    image = _background(rng, size)                              # (size, size, 3) float
+    mask = np.zeros((size, size), dtype=np.uint8)
+
+    n_obj = int(rng.integers(1, 4))
+    classes = rng.integers(1, num_classes, n_obj)
+    radii = rng.uniform(*_RADIUS_RANGE, n_obj) * size
+    centres = _place_centres(rng, radii, size)
+    for cls, r, (cy, cx) in zip(classes, radii, centres):
+        shape_fn, texture_fn = _CLASSES[cls - 1]
+        # work only inside the object's bounding box (speed)
+        y0, y1 = max(int(cy - _EXTENT * r), 0), min(int(cy + _EXTENT * r) + 2, size)
+        x0, x1 = max(int(cx - _EXTENT * r), 0), min(int(cx + _EXTENT * r) + 2, size)
+        dy, dx = np.mgrid[y0:y1, x0:x1] + 0.5                   # pixel centres
+        dy, dx = dy - cy, dx - cx
+        theta = rng.uniform(0, 2 * np.pi)
+        cos, sin = np.cos(theta), np.sin(theta)
+        u_px, v_px = cos * dx + sin * dy, -sin * dx + cos * dy  # object frame, px
+        inside = shape_fn(u_px / r, v_px / r)
+
+        period = rng.uniform(*_PERIOD_RANGE) * size
+        phase = rng.uniform(0, 1, 2)
+        if texture_fn is _rings:            # rings stay concentric with the object
+            phase[:] = 0.0
+        sdf = texture_fn(u_px / period + phase[0], v_px / period + phase[1]) * period   # signed distance, px
+        mix = np.clip(0.5 + sdf, 0.0, 1.0)[..., None]
+        c1, c2 = _object_colours(rng)
+        region = image[y0:y1, x0:x1]
+        region[inside] = (c1 + (c2 - c1) * mix)[inside]         # later objects occlude earlier ones
+        mask[y0:y1, x0:x1][inside] = cls
+
+    image += rng.uniform(2, 6) * rng.standard_normal(image.shape, dtype=np.float32)   # mild sensor noise
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+
+
+class SyntheticSource:
+    """In-memory synthetic split with the same interface as the folder sources in `toco.data.datasets`.
+
+    Samples are generated on demand (about a millisecond each); image-level labels are cached once computed.
+    """
+
+    def __init__(self, split: str, n: int, size: int, num_classes: int, seed: int):
+        _check_args(split, size, num_classes)
+        self.split = "train" if split == "train_aug" else split
+        self.size, self.seed = size, seed
+        self.num_classes = num_classes
+        self.class_names = SYNTH_CLASS_NAMES[:num_classes]
+        self.names = [f"synth_{self.split}_{i:06d}" for i in range(n)]
+        self.has_masks = True
+        self._labels: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _generate(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} synthetic {self.split} samples")
+        return generate_sample(self.seed, i, self.size, self.num_classes, self.split)
+
+    def load_image(self, i: int) -> np.ndarray:
+        return self._generate(i)[0]
+
+    def load_mask(self, i: int) -> np.ndarray:
+        return self._generate(i)[1]
+
+    def cls_label(self, i: int) -> np.ndarray:
+        if i not in self._labels:
+            self._labels[i] = labels_from_mask(self._generate(i)[1], self.num_classes)
+        return self._labels[i]
+
+    def load(self, i: int):
+        image, mask = self._generate(i)
+        label = self._labels.setdefault(i, labels_from_mask(mask, self.num_classes))
+        return Sample(self.names[i], image, mask, label)
+
+    def load_for_training(self, i: int):
+        """Like `load` but without the mask: what the training code is allowed to see."""
+        image, mask = self._generate(i)
+        label = self._labels.setdefault(i, labels_from_mask(mask, self.num_classes))
+        return Sample(self.names[i], image, None, label)
+
+
+def write_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: int, num_classes: int,
+                    seed: int) -> Path:
+    """Write the benchmark in the VOC folder layout and return `out_dir`.
+
+    out/JPEGImages/<name>.png (PNG: JPEG would blur the textures), out/SegmentationClassAug/<name>.png (palette),
+    out/ImageSets/Segmentation/{train_aug,train,val}.txt (train = train_aug), out/classes.txt.
+    """
+    out = Path(out_dir)
+    img_dir, mask_dir = out / "JPEGImages", out / "SegmentationClassAug"
+    list_dir = out / "ImageSets" / "Segmentation"
+    for d in (img_dir, mask_dir, list_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        source = SyntheticSource(split, n, size, num_classes, seed)
+        for i, name in enumerate(source.names):
+            image, mask = source._generate(i)
+            Image.fromarray(image).save(img_dir / f"{name}.png")
+            save_mask_png(mask, mask_dir / f"{name}.png")
+        listing = "".join(f"{name}\n" for name in source.names)
+        if split == "train":
+            (list_dir / "train_aug.txt").write_text(listing)
+        (list_dir / f"{split}.txt").write_text(listing)
+    (out / "classes.txt").write_text("".join(f"{c}\n" for c in SYNTH_CLASS_NAMES[:num_classes]))
+    return out
+
+
+def trivial_baselines(source) -> dict[str, float]:
+    """mIoU (in 0..1) of label-free / oracle-label trivial predictors, to report beside a trained model.
+
+    all_background:       every pixel predicted background.
+    majority_foreground:  every pixel of an image gets its most frequent foreground class in the GT
+                          (all background if the image has none) - what image-level labels alone buy.
+    """
+    c = source.num_classes
+    all_bg, majority = ConfusionMatrix(c), ConfusionMatrix(c)
+    for i in range(len(source)):
+        gt = source.load(i).mask.astype(np.int64)
+        all_bg.update(np.zeros_like(gt), gt)
+        counts = np.bincount(gt[gt < c].ravel(), minlength=c)
+        fg = int(np.argmax(counts[1:])) + 1 if counts[1:].sum() > 0 else 0
+        majority.update(np.full_like(gt, fg), gt)
+    return {"all_background": float(all_bg.miou()), "majority_foreground": float(majority.miou())}
+

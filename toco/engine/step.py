@@ -1,0 +1,103 @@
+"""One ToCo training step, in the order of SPEC §2-3. Free of MLflow, Ray and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from toco.config import Config
+from toco.data.transforms import denormalize
+from toco.losses import cls_loss, ctc_loss, dense_crf_loss, ptc_loss, seg_loss
+from toco.pseudo import cam_to_label, cam_to_roi_mask, crop_from_roi, multi_scale_cam, refine_cams_with_bkg
+
+
+@dataclass
+class StepResult:
+    total: torch.Tensor                 # weighted sum, to back-propagate
+    losses: dict[str, float]            # every active term, unweighted
+    refined_label: torch.Tensor | None  # (B, H, W) segmentation pseudo label, when seg is active
+
+
+def active_terms(cfg: Config, iteration: int) -> dict[str, bool]:
+    """Which losses join at this iteration (SPEC §3 schedule): VOC adds seg + reg after a warm-up;
+    COCO also starts PTC + CTC late."""
+    contrast = iteration >= cfg.loss.ptc_ctc_start
+    seg = iteration >= cfg.loss.seg_start
+    return dict(ptc=cfg.loss.use_ptc and contrast, ctc=cfg.loss.use_ctc and contrast, seg=seg, reg=seg)
+
+
+def box_mask(img_box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) float mask, 1 inside [h0, h1) x [w0, w1)."""
+    h = torch.arange(size[0], device=img_box.device)
+    w = torch.arange(size[1], device=img_box.device)
+    rows = (h[None] >= img_box[:, 0:1]) & (h[None] < img_box[:, 1:2])  # (B, H)
+    cols = (w[None] >= img_box[:, 2:3]) & (w[None] < img_box[:, 3:4])  # (B, W)
+    return (rows[:, :, None] & cols[:, None, :]).float()
+
+
+def token_box(img_box: torch.Tensor, patch_size: int, legacy_bugs: bool) -> torch.Tensor:
+    """The padding box on the token grid. The original applied the pixel box unscaled (a bug, SPEC §7)."""
+    if legacy_bugs:
+        return img_box
+    start = torch.div(img_box[:, 0::2], patch_size, rounding_mode="floor")
+    end = torch.div(img_box[:, 1::2] + patch_size - 1, patch_size, rounding_mode="floor")
+    return torch.stack([start[:, 0], end[:, 0], start[:, 1], end[:, 1]], dim=1)
+
+
+def train_step(model, par, batch: dict, cfg: Config, iteration: int,
+               generator: torch.Generator | None = None) -> StepResult:
+    images, cls_label, img_box = batch["image"], batch["cls_label"], batch["img_box"]
+    b, _, height, width = images.shape
+    pc, lc = cfg.pseudo, cfg.loss
+    active = active_terms(cfg, iteration)
+
+    # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1)
+    cam, aux_cam = multi_scale_cam(model, images, pc.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
+
+    # One encoder pass serves the main input and the second global CTC view: the original ran the
+    # main input, the teacher's globals and the student's globals separately through the same weights;
+    # sharing the pass gives the same values and gradients at 2/5 of the cost.
+    views = [images, batch["global2"]] if active["ctc"] else [images]
+    enc = model.encode(torch.cat(views))
+    out = model.heads(type(enc)(enc.cls_token[:b], enc.tokens[:b], enc.aux_tokens[:b]))
+
+    losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
+    weights = {"cls": 1.0, "aux_cls": 1.0}
+
+    if active["ptc"]:  # PTC on the final tokens, guided by aux-CAM token labels (SPEC §3)
+        grid = out.tokens.shape[-2:]
+        aux_cam_tokens = F.interpolate(aux_cam, size=grid, mode="bilinear", align_corners=False)
+        token_label = cam_to_label(aux_cam_tokens, cls_label, pc.bkg_thre, pc.high_thre, pc.low_thre,
+                                   ignore_mid=True, img_box=token_box(img_box, model.patch_size, cfg.legacy_bugs))
+        losses["ptc"], weights["ptc"] = ptc_loss(out.tokens, token_label), lc.w_ptc
+
+    if active["ctc"]:  # CTC: teacher head on the global views' class tokens, student on all views
+        roi = cam_to_roi_mask(aux_cam, cls_label, pc.low_thre, pc.high_thre)
+        local_crops, flags = crop_from_roi(batch["local_image"], roi, cfg.data.local_crop_size,
+                                           cfg.data.num_local_crops, pc.uncertain_ratio,
+                                           legacy_bugs=cfg.legacy_bugs, generator=generator)
+        local_cls = model.encode(torch.cat(local_crops)).cls_token  # (8B, D)
+        model.update_teacher(lc.ema_momentum)
+        teacher = model.project(enc.cls_token.detach(), teacher=True)           # (2B, out)
+        student = model.project(torch.cat([enc.cls_token, local_cls]))          # (10B, out)
+        losses["ctc"] = ctc_loss(student, teacher, flags, lc.ctc_temperature, legacy_bugs=cfg.legacy_bugs)
+        weights["ctc"] = lc.w_ctc
+
+    refined_label = None
+    if active["seg"]:  # segmentation on PAR-refined CAM labels, plus the DenseCRF regulariser
+        image255 = denormalize(images)                           # (B, 3, H, W) in 0..255
+        image01 = image255.clamp(0, 255).floor() / 255           # the original's uint8 cast
+        seg_cam = aux_cam if iteration < lc.cam_source_until else cam
+        refined_label = refine_cams_with_bkg(par, image01, seg_cam, cls_label, pc.high_thre, pc.low_thre,
+                                             img_box=img_box)
+        losses["seg"], weights["seg"] = seg_loss(out.seg_logits, refined_label), lc.w_seg
+        probs = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
+                              align_corners=False).softmax(dim=1)
+        losses["reg"] = dense_crf_loss(image255, probs, box_mask(img_box, (height, width)), refined_label,
+                                       sigma_rgb=lc.reg_sigma_rgb, sigma_xy=lc.reg_sigma_xy,
+                                       scale_factor=lc.reg_scale, weight=lc.reg_weight, backend=lc.reg_backend)
+        weights["reg"] = lc.w_reg
+
+    total = sum(weights[k] * v for k, v in losses.items())
+    return StepResult(total, {k: float(v.detach()) for k, v in losses.items()}, refined_label)

@@ -1,0 +1,111 @@
+"""ToCo network: ViT encoder, CAM / aux-CAM classifiers, LargeFOV decoder, CTC heads (SPEC §1)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toco.models.heads import CTCHead, LargeFOV
+
+
+@dataclass
+class Encoded:
+    cls_token: torch.Tensor   # (B, D) after the final norm
+    tokens: torch.Tensor      # (B, D, h, w) final patch tokens, after the final norm
+    aux_tokens: torch.Tensor  # (B, D, h, w) patch tokens of the auxiliary block, no final norm
+
+
+@dataclass
+class ModelOutput:
+    cls_logits: torch.Tensor      # (B, C-1)
+    aux_cls_logits: torch.Tensor  # (B, C-1)
+    seg_logits: torch.Tensor      # (B, C, h, w)
+    tokens: torch.Tensor          # (B, D, h, w)
+
+
+def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> nn.Module:
+    """A timm ViT/DeiT without its classification head, accepting any input size."""
+    options = dict(num_classes=0, dynamic_img_size=True, **kwargs)
+    if pretrained and pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"model.pretrained_file {pretrained_file!r} does not exist")
+        options["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
+    return timm.create_model(backbone, pretrained=pretrained, **options)
+
+
+class ToCoNet(nn.Module):
+    def __init__(self, encoder: nn.Module, num_classes: int, aux_layer: int = -3, decoder_channels: int = 512,
+                 decoder_dilation: int = 5, proj_hidden: int = 2048, proj_bottleneck: int = 256,
+                 proj_out: int = 1024, freeze_pos_embed: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        depth = len(encoder.blocks)
+        self.aux_index = aux_layer % depth
+        if self.aux_index == depth - 1:
+            raise ValueError(f"model.aux_layer={aux_layer} must name a block before the last of {depth}")
+        if freeze_pos_embed:
+            encoder.pos_embed.requires_grad_(False)
+        dim = encoder.embed_dim
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
+        self.aux_classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
+        self.decoder = LargeFOV(dim, num_classes, decoder_channels, decoder_dilation)
+        self.proj_head = CTCHead(dim, proj_hidden, proj_bottleneck, proj_out)
+        self.proj_head_teacher = copy.deepcopy(self.proj_head).requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        final, (aux,) = self.encoder.forward_intermediates(
+            x, indices=[self.aux_index], norm=False, output_fmt="NCHW", return_prefix_tokens=False)
+        b, n, d = final.shape
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        prefix = self.encoder.num_prefix_tokens
+        tokens = final[:, prefix:].transpose(1, 2).reshape(b, d, h, w)
+        return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
+
+    def heads(self, enc: Encoded) -> ModelOutput:
+        # image score = 1x1 classifier on the global MAX pooled token map (SPEC §1)
+        cls_logits = self.classifier(F.adaptive_max_pool2d(enc.tokens, 1)).flatten(1)
+        aux_cls_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_tokens, 1)).flatten(1)
+        return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens), enc.tokens)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return self.heads(self.encode(x))
+
+    def forward_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (cam, aux_cam) at the token grid, (B, C-1, h, w): classifier weights applied to every token."""
+        enc = self.encode(x)
+        return self.classifier(enc.tokens), self.aux_classifier(enc.aux_tokens)
+
+    def project(self, cls_tokens: torch.Tensor, teacher: bool = False) -> torch.Tensor:
+        return (self.proj_head_teacher if teacher else self.proj_head)(cls_tokens)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the projection head only; the encoder is shared (SPEC §1)."""
+        for t, s in zip(self.proj_head_teacher.parameters(), self.proj_head.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """encoder weights, encoder norms, classifiers + projection head, decoder (SPEC §1)."""
+        trainable = lambda named: [p for _, p in named if p.requires_grad]  # noqa: E731
+        enc = list(self.encoder.named_parameters())
+        return [
+            trainable((n, p) for n, p in enc if "norm" not in n),
+            trainable((n, p) for n, p in enc if "norm" in n),
+            trainable([*self.classifier.named_parameters(), *self.aux_classifier.named_parameters(),
+                       *self.proj_head.named_parameters()]),
+            trainable(self.decoder.named_parameters()),
+        ]
+
+
+def build_model(model_cfg, num_classes: int) -> ToCoNet:
+    encoder = create_encoder(model_cfg.backbone, model_cfg.pretrained, model_cfg.pretrained_file,
+                             **model_cfg.backbone_kwargs)
+    return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
+                   model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
+                   model_cfg.proj_out, model_cfg.freeze_pos_embed)

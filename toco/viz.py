@@ -1,0 +1,89 @@
+"""Pictures a person would rather look at: label palettes, CAM heat maps, picture grids, confusion matrices."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The standard VOC colour map (bit-interleaved class index), (n, 3) uint8; 255 -> white-ish boundary."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+PALETTE = voc_palette()
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 VOC colours."""
+    return PALETTE[label.astype(np.int64).clip(0, 255)]
+
+
+def save_label_png(label: np.ndarray, path: str | Path) -> None:
+    """A palette PNG, as VOC stores its masks."""
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    img.putpalette(PALETTE.reshape(-1).tolist())
+    img.save(path)
+
+
+def heatmap(cam: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 with matplotlib's jet map."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    colours = colorize(label).astype(np.float32)
+    blend = image.astype(np.float32) * (1 - alpha) + colours * alpha
+    return np.where((label == 0)[..., None], image, blend).astype(np.uint8)
+
+
+def picture_grid(rows: list[list[np.ndarray]], titles: list[str], path: str | Path) -> None:
+    """One row per image: image | CAM | pseudo label | prediction | ground truth (all (H, W, 3) uint8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.2 * len(titles), 2.2 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            axes[r, c].imshow(panel)
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_plot(matrix: np.ndarray, class_names: list[str], path: str | Path) -> None:
+    """Row-normalised confusion matrix (rows = ground truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.35 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

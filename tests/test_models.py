@@ -86,3 +86,23 @@ def test_pretrained_weights_load_from_a_local_file(tiny_cfg, tiny_model, tmp_pat
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.encode(x).tokens, tiny_model.encode(x).tokens)
     assert F.mse_loss(loaded.encode(x).tokens, tiny_model.encode(x).tokens) == 0
+
+
+def test_ctc_forward_equals_the_originals_separate_passes(tiny_model):
+    x, g2, crops = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(16, 3, 16, 16)
+    with torch.no_grad():  # a student that has moved away from its teacher
+        for p in tiny_model.proj_head.mlp.parameters():
+            p.add_(0.01)
+    teacher_head = [p.clone() for p in tiny_model.proj_head_teacher.parameters()]
+    out = tiny_model(x, g2, crops, ema_momentum=0.5)
+    alone = tiny_model(x)
+    torch.testing.assert_close(out.cls_logits, alone.cls_logits)
+    torch.testing.assert_close(out.seg_logits, alone.seg_logits)
+    globals_cls = torch.cat([tiny_model.encode(x).cls_token, tiny_model.encode(g2).cls_token])
+    local_cls = tiny_model.encode(crops).cls_token
+    torch.testing.assert_close(out.student, tiny_model.proj_head(torch.cat([globals_cls, local_cls])))
+    torch.testing.assert_close(out.teacher, tiny_model.proj_head_teacher(globals_cls))
+    assert out.student.shape == (20, 24) and out.teacher.shape == (4, 24)
+    assert not out.teacher.requires_grad
+    moved = [not torch.equal(a, b) for a, b in zip(teacher_head, tiny_model.proj_head_teacher.parameters())]
+    assert any(moved)  # the EMA update ran once, before the teacher pass

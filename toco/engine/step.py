@@ -52,15 +52,20 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
     pc, lc = cfg.pseudo, cfg.loss
     active = active_terms(cfg, iteration)
 
-    # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1)
-    cam, aux_cam = multi_scale_cam(model, images, pc.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
+    net = getattr(model, "module", model)  # the bare ToCoNet inside a DDP wrapper
 
-    # One encoder pass serves the main input and the second global CTC view: the original ran the
-    # main input, the teacher's globals and the student's globals separately through the same weights;
-    # sharing the pass gives the same values and gradients at 2/5 of the cost.
-    views = [images, batch["global2"]] if active["ctc"] else [images]
-    enc = model.encode(torch.cat(views))
-    out = model.heads(type(enc)(enc.cls_token[:b], enc.tokens[:b], enc.aux_tokens[:b]))
+    # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1)
+    cam, aux_cam = multi_scale_cam(net, images, pc.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
+
+    # 2. one forward with gradient: main input, and for CTC the second global view and the local crops
+    crops = flags = None
+    if active["ctc"]:  # local crops centred in uncertain regions of the aux-CAM ROI (SPEC §3 CTC)
+        roi = cam_to_roi_mask(aux_cam, cls_label, pc.low_thre, pc.high_thre)
+        crop_list, flags = crop_from_roi(batch["local_image"], roi, cfg.data.local_crop_size,
+                                         cfg.data.num_local_crops, pc.uncertain_ratio,
+                                         legacy_bugs=cfg.legacy_bugs, generator=generator)
+        crops = torch.cat(crop_list)
+    out = model(images, batch["global2"] if active["ctc"] else None, crops, lc.ema_momentum)
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}
@@ -69,19 +74,11 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
         grid = out.tokens.shape[-2:]
         aux_cam_tokens = F.interpolate(aux_cam, size=grid, mode="bilinear", align_corners=False)
         token_label = cam_to_label(aux_cam_tokens, cls_label, pc.bkg_thre, pc.high_thre, pc.low_thre,
-                                   ignore_mid=True, img_box=token_box(img_box, model.patch_size, cfg.legacy_bugs))
+                                   ignore_mid=True, img_box=token_box(img_box, net.patch_size, cfg.legacy_bugs))
         losses["ptc"], weights["ptc"] = ptc_loss(out.tokens, token_label), lc.w_ptc
 
-    if active["ctc"]:  # CTC: teacher head on the global views' class tokens, student on all views
-        roi = cam_to_roi_mask(aux_cam, cls_label, pc.low_thre, pc.high_thre)
-        local_crops, flags = crop_from_roi(batch["local_image"], roi, cfg.data.local_crop_size,
-                                           cfg.data.num_local_crops, pc.uncertain_ratio,
-                                           legacy_bugs=cfg.legacy_bugs, generator=generator)
-        local_cls = model.encode(torch.cat(local_crops)).cls_token  # (8B, D)
-        model.update_teacher(lc.ema_momentum)
-        teacher = model.project(enc.cls_token.detach(), teacher=True)           # (2B, out)
-        student = model.project(torch.cat([enc.cls_token, local_cls]))          # (10B, out)
-        losses["ctc"] = ctc_loss(student, teacher, flags, lc.ctc_temperature, legacy_bugs=cfg.legacy_bugs)
+    if active["ctc"]:
+        losses["ctc"] = ctc_loss(out.student, out.teacher, flags, lc.ctc_temperature, legacy_bugs=cfg.legacy_bugs)
         weights["ctc"] = lc.w_ctc
 
     refined_label = None

@@ -26,6 +26,8 @@ class ModelOutput:
     aux_cls_logits: torch.Tensor  # (B, C-1)
     seg_logits: torch.Tensor      # (B, C, h, w)
     tokens: torch.Tensor          # (B, D, h, w)
+    student: torch.Tensor | None = None  # (V*B, out) CTC projections of every view, view-major
+    teacher: torch.Tensor | None = None  # (2*B, out) EMA-teacher projections of the two global views
 
 
 def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> nn.Module:
@@ -73,16 +75,30 @@ class ToCoNet(nn.Module):
         aux_cls_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_tokens, 1)).flatten(1)
         return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens), enc.tokens)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        return self.heads(self.encode(x))
+    def forward(self, x: torch.Tensor, global2: torch.Tensor | None = None, local_crops: torch.Tensor | None = None,
+                ema_momentum: float = 0.9) -> ModelOutput:
+        """Segmentation and classification of `x`; with the CTC views also their projections.
+
+        Everything with a gradient happens in this one call, so DistributedDataParallel sees one forward per
+        backward. The original ran the main input, the teacher's global views and the student's global views
+        as three passes through the same weights; one pass over [x, global2] gives the same values and
+        gradients at 2/5 of the cost (the teacher's copy is the detached class tokens).
+        """
+        if global2 is None:
+            return self.heads(self.encode(x))
+        b = x.shape[0]
+        enc = self.encode(torch.cat([x, global2]))
+        out = self.heads(Encoded(enc.cls_token[:b], enc.tokens[:b], enc.aux_tokens[:b]))
+        local_cls = self.encode(local_crops).cls_token                    # (L*B, D)
+        self.update_teacher(ema_momentum)                                  # before the teacher pass, as the original
+        out.teacher = self.proj_head_teacher(enc.cls_token.detach())       # (2B, out)
+        out.student = self.proj_head(torch.cat([enc.cls_token, local_cls]))  # ((2+L)B, out)
+        return out
 
     def forward_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (cam, aux_cam) at the token grid, (B, C-1, h, w): classifier weights applied to every token."""
         enc = self.encode(x)
         return self.classifier(enc.tokens), self.aux_classifier(enc.aux_tokens)
-
-    def project(self, cls_tokens: torch.Tensor, teacher: bool = False) -> torch.Tensor:
-        return (self.proj_head_teacher if teacher else self.proj_head)(cls_tokens)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -106,3 +106,17 @@ def test_ctc_forward_equals_the_originals_separate_passes(tiny_model):
     assert not out.teacher.requires_grad
     moved = [not torch.equal(a, b) for a, b in zip(teacher_head, tiny_model.proj_head_teacher.parameters())]
     assert any(moved)  # the EMA update ran once, before the teacher pass
+
+
+def test_conv_stem_encoder_has_stride_8_and_any_input_size(tiny_cfg):
+    from toco.models import build_model
+
+    tiny_cfg.model.conv_stem = (16, 16, 32)
+    tiny_cfg.model.backbone_kwargs = dict(img_size=32, embed_dim=32, depth=4, num_heads=2)
+    model = build_model(tiny_cfg.model, 5)
+    assert model.patch_size == 8
+    assert model(torch.randn(2, 3, 32, 32)).tokens.shape == (2, 32, 4, 4)
+    cam, _ = model.forward_cams(torch.randn(1, 3, 48, 16))
+    assert cam.shape == (1, 4, 6, 2)
+    stem_params = {id(p) for p in model.encoder.patch_embed.parameters()}
+    assert stem_params <= {id(p) for g in model.param_groups() for p in g}  # the stem trains with the encoder

@@ -46,6 +46,7 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. embed_dim/depth for the tiny CPU model
     pretrained: bool = True
     pretrained_file: str | None = None   # local weights; None + pretrained = timm hub (needs network)
+    conv_stem: tuple[int, ...] = ()     # channels of a stride-2 conv stem before the ViT (tiny CPU model)
     aux_layer: int = -3                  # block whose tokens feed the auxiliary classifier (10th of 12)
     decoder_channels: int = 512
     decoder_dilation: int = 5

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+from timm.layers import HybridEmbed
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,15 +26,30 @@ class Encoded:
 class ModelOutput:
     cls_logits: torch.Tensor      # (B, C-1)
     aux_cls_logits: torch.Tensor  # (B, C-1)
-    seg_logits: torch.Tensor      # (B, C, h, w)
+    seg_logits: torch.Tensor | None  # (B, C, h, w); None when the forward was asked for no segmentation
     tokens: torch.Tensor          # (B, D, h, w)
     student: torch.Tensor | None = None  # (V*B, out) CTC projections of every view, view-major
     teacher: torch.Tensor | None = None  # (2*B, out) EMA-teacher projections of the two global views
 
 
-def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> nn.Module:
-    """A timm ViT/DeiT without its classification head, accepting any input size."""
+def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
+    """Stride-2 3x3 conv + GroupNorm + ReLU per entry (per-sample norm: no batch statistics): the 'early convolutions' stem (Xiao et al., 2021) that lets a
+    small ViT trained from scratch learn local texture quickly. Total stride 2**len(channels)."""
+    layers, prev = [], in_chans
+    for ch in channels:
+        layers += [nn.Conv2d(prev, ch, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, ch), nn.ReLU(inplace=True)]
+        prev = ch
+    return nn.Sequential(*layers)
+
+
+def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None, conv_stem_channels=(),
+                   **kwargs) -> nn.Module:
+    """A timm ViT/DeiT without its classification head, accepting any input size. With conv_stem_channels
+    the patch embedding is timm's HybridEmbed over a small conv stem (patch size 1 on its feature map)."""
     options = dict(num_classes=0, dynamic_img_size=True, **kwargs)
+    if conv_stem_channels:
+        stem = conv_stem(list(conv_stem_channels))  # HybridEmbed probes its stride and width
+        options.update(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem))
     if pretrained and pretrained_file:
         if not Path(pretrained_file).is_file():
             raise FileNotFoundError(f"model.pretrained_file {pretrained_file!r} does not exist")
@@ -53,7 +70,8 @@ class ToCoNet(nn.Module):
         if freeze_pos_embed:
             encoder.pos_embed.requires_grad_(False)
         dim = encoder.embed_dim
-        self.patch_size = encoder.patch_embed.patch_size[0]
+        embed = encoder.patch_embed  # input pixels per token side: the patch, or the conv stem's stride
+        self.patch_size = embed.patch_size[0] * getattr(embed, "feature_ratio", (1,))[0]
         self.classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
         self.decoder = LargeFOV(dim, num_classes, decoder_channels, decoder_dilation)
@@ -69,15 +87,17 @@ class ToCoNet(nn.Module):
         tokens = final[:, prefix:].transpose(1, 2).reshape(b, d, h, w)
         return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
 
-    def heads(self, enc: Encoded) -> ModelOutput:
+    def heads(self, enc: Encoded, seg: bool = True) -> ModelOutput:
         # image score = 1x1 classifier on the global MAX pooled token map (SPEC §1)
         cls_logits = self.classifier(F.adaptive_max_pool2d(enc.tokens, 1)).flatten(1)
         aux_cls_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_tokens, 1)).flatten(1)
-        return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens), enc.tokens)
+        return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens) if seg else None, enc.tokens)
 
     def forward(self, x: torch.Tensor, global2: torch.Tensor | None = None, local_crops: torch.Tensor | None = None,
-                ema_momentum: float = 0.9) -> ModelOutput:
+                ema_momentum: float = 0.9, seg: bool = True) -> ModelOutput:
         """Segmentation and classification of `x`; with the CTC views also their projections.
+        `seg=False` skips the decoder while its losses are off: DDP requires every output of a forward to reach
+        the loss, and leaves the decoder's gradient None as a single process does.
 
         Everything with a gradient happens in this one call, so DistributedDataParallel sees one forward per
         backward. The original ran the main input, the teacher's global views and the student's global views
@@ -85,10 +105,10 @@ class ToCoNet(nn.Module):
         gradients at 2/5 of the cost (the teacher's copy is the detached class tokens).
         """
         if global2 is None:
-            return self.heads(self.encode(x))
+            return self.heads(self.encode(x), seg)
         b = x.shape[0]
         enc = self.encode(torch.cat([x, global2]))
-        out = self.heads(Encoded(enc.cls_token[:b], enc.tokens[:b], enc.aux_tokens[:b]))
+        out = self.heads(Encoded(enc.cls_token[:b], enc.tokens[:b], enc.aux_tokens[:b]), seg)
         local_cls = self.encode(local_crops).cls_token                    # (L*B, D)
         self.update_teacher(ema_momentum)                                  # before the teacher pass, as the original
         out.teacher = self.proj_head_teacher(enc.cls_token.detach())       # (2B, out)
@@ -121,7 +141,7 @@ class ToCoNet(nn.Module):
 
 def build_model(model_cfg, num_classes: int) -> ToCoNet:
     encoder = create_encoder(model_cfg.backbone, model_cfg.pretrained, model_cfg.pretrained_file,
-                             **model_cfg.backbone_kwargs)
+                             model_cfg.conv_stem, **model_cfg.backbone_kwargs)
     return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
                    model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
                    model_cfg.proj_out, model_cfg.freeze_pos_embed)

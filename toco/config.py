@@ -73,7 +73,7 @@ class LossConfig:
     reg_sigma_xy: float = 100.0
     reg_scale: float = 0.5
     reg_weight: float = 1e-7
-    reg_backend: str = "exact"           # bilateral filter backend (toco.filters)
+    reg_backend: str = "auto"            # bilateral filter backend (toco.filters): native lattice, else exact
 
 
 @dataclass

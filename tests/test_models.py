@@ -120,3 +120,18 @@ def test_conv_stem_encoder_has_stride_8_and_any_input_size(tiny_cfg):
     assert cam.shape == (1, 4, 6, 2)
     stem_params = {id(p) for p in model.encoder.patch_embed.parameters()}
     assert stem_params <= {id(p) for g in model.param_groups() for p in g}  # the stem trains with the encoder
+
+
+def test_gap_pooling_makes_the_score_the_mean_of_the_cam(tiny_cfg):
+    from toco.models import build_model
+
+    tiny_cfg.model.pooling = "gap"
+    model = build_model(tiny_cfg.model, 5)
+    x = torch.randn(2, 3, 32, 32)
+    cam, aux_cam = model.forward_cams(x)
+    out = model(x)
+    torch.testing.assert_close(out.cls_logits, cam.mean(dim=(2, 3)))
+    torch.testing.assert_close(out.aux_cls_logits, aux_cam.mean(dim=(2, 3)))
+    tiny_cfg.model.pooling = "avg"
+    with pytest.raises(ValueError, match="model.pooling"):
+        build_model(tiny_cfg.model, 5)

@@ -60,8 +60,11 @@ def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None,
 class ToCoNet(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, aux_layer: int = -3, decoder_channels: int = 512,
                  decoder_dilation: int = 5, proj_hidden: int = 2048, proj_bottleneck: int = 256,
-                 proj_out: int = 1024, freeze_pos_embed: bool = True):
+                 proj_out: int = 1024, freeze_pos_embed: bool = True, pooling: str = "gmp"):
         super().__init__()
+        if pooling not in ("gmp", "gap"):
+            raise ValueError(f"model.pooling must be 'gmp' or 'gap', got {pooling!r}")
+        self.pooling = pooling
         self.encoder = encoder
         depth = len(encoder.blocks)
         self.aux_index = aux_layer % depth
@@ -88,9 +91,10 @@ class ToCoNet(nn.Module):
         return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
 
     def heads(self, enc: Encoded, seg: bool = True) -> ModelOutput:
-        # image score = 1x1 classifier on the global MAX pooled token map (SPEC §1)
-        cls_logits = self.classifier(F.adaptive_max_pool2d(enc.tokens, 1)).flatten(1)
-        aux_cls_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_tokens, 1)).flatten(1)
+        # image score = 1x1 classifier on the globally pooled token map (SPEC §1: max pooling)
+        pool = F.adaptive_max_pool2d if self.pooling == "gmp" else F.adaptive_avg_pool2d
+        cls_logits = self.classifier(pool(enc.tokens, 1)).flatten(1)
+        aux_cls_logits = self.aux_classifier(pool(enc.aux_tokens, 1)).flatten(1)
         return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens) if seg else None, enc.tokens)
 
     def forward(self, x: torch.Tensor, global2: torch.Tensor | None = None, local_crops: torch.Tensor | None = None,
@@ -144,4 +148,4 @@ def build_model(model_cfg, num_classes: int) -> ToCoNet:
                              model_cfg.conv_stem, **model_cfg.backbone_kwargs)
     return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
                    model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
-                   model_cfg.proj_out, model_cfg.freeze_pos_embed)
+                   model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling)

@@ -5,7 +5,8 @@ from toco.config import load_config
 from toco.models import build_model
 
 TINY = ["model.backbone_kwargs={patch_size: 8, img_size: 32, embed_dim: 32, depth: 4, num_heads: 2}",
-        "model.decoder_channels=16", "model.proj_hidden=32", "model.proj_bottleneck=16", "model.proj_out=24"]
+        "model.decoder_channels=16", "model.proj_hidden=32", "model.proj_bottleneck=16", "model.proj_out=24",
+        "model.pooling=gmp", "model.conv_stem=[]"]
 
 
 @pytest.fixture

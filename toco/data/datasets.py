@@ -15,6 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from toco.viz import save_label_png as save_mask_png, voc_palette  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = 255
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
@@ -55,23 +57,6 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     label = np.zeros(num_classes - 1, dtype=np.float32)
     label[present.astype(np.int64) - 1] = 1.0
     return label
-
-
-def voc_palette(n: int = 256) -> list[int]:
-    """The PASCAL VOC colour map as a flat [r,g,b]*n list (index bits spread over the RGB high bits)."""
-    idx = np.arange(n)
-    rgb = np.zeros((n, 3), dtype=np.int64)
-    for bit in range(8):
-        for ch in range(3):
-            rgb[:, ch] |= ((idx >> (3 * bit + ch)) & 1) << (7 - bit)
-    return rgb.reshape(-1).tolist()
-
-
-def save_mask_png(mask: np.ndarray, path: str | Path) -> None:
-    """Write an index mask as a palette PNG with VOC colours (the format of SegmentationClassAug)."""
-    im = Image.fromarray(np.asarray(mask, dtype=np.uint8))     # mode "L"; putpalette turns it into "P"
-    im.putpalette(voc_palette())
-    im.save(path)
 
 
 def read_split_list(path: Path) -> list[str]:

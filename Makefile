@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 # CUDA kernels compile with the toolkit here even without a GPU (torch needs CUDA_HOME set explicitly)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: demo test ui ablation venv synth clean
+.PHONY: demo test ui ablation venv synth clean bench bench-check bench-baseline sweep submit
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,6 +26,43 @@ ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
+
+# Benchmarks (benchmarks/bench_*.py; never collected by `make test`). Baselines live per machine class in
+# benchmarks/baselines/<class>/ (speed.json from pytest-benchmark, accuracy.json); see docs/evaluation.md.
+MACHINE = $(shell python3 benchmarks/machine.py)
+BASELINE = benchmarks/baselines/$(MACHINE)
+BENCH_TOL ?= 25# % slower (minimum over rounds) than the baseline that fails bench-check
+# what bench-check compares: CPU time on a CPU machine class (other work on a shared machine stretches wall time,
+# not the CPU time a benchmark uses), wall time on a GPU machine
+BENCH_TIMER ?= $(if $(filter cpu-%,$(MACHINE)),time.process_time,time.perf_counter)
+BENCH := $(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider -q
+
+bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, log every result to MLflow
+	$(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-autosave --benchmark-storage=file://.benchmarks
+
+bench-check: $(STAMP)  ## fail on a slowdown beyond BENCH_TOL% or an mIoU drop beyond the baseline's tolerance
+	@test -f $(BASELINE)/speed.json || { echo "no baseline for machine class $(MACHINE): make bench-baseline"; exit 1; }
+	$(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-compare=$(BASELINE)/speed.json \
+		--benchmark-compare-fail=min:$(BENCH_TOL)% --benchmark-json=.benchmarks/check-$(MACHINE).json
+
+bench-baseline: $(STAMP)  ## re-measure this machine class's baselines (then commit benchmarks/baselines/)
+	mkdir -p $(BASELINE)
+	TOCO_BENCH_WRITE_BASELINE=1 $(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-json=$(BASELINE)/speed.json
+
+sweep: $(STAMP)  ## Ray Tune + Optuna + ASHA over loss weights and thresholds (ARGS=--resume / --restart)
+	$(TOCO) sweep experiments/sweeps/synthetic.yaml $(ARGS)
+
+# `ray job submit` to a running cluster (docs/distributed.md). Token auth (Ray 2.60's default): the token file the
+# head node was started with must be readable here as ~/.ray/auth_token or $$RAY_AUTH_TOKEN_PATH.
+ADDRESS ?= http://127.0.0.1:8265
+SUBMIT_CONFIG ?= experiments/synthetic.yaml
+WORKERS ?= 2
+submit: $(STAMP)  ## train SUBMIT_CONFIG on WORKERS Ray Train workers as a job on the cluster at ADDRESS
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} .venv/bin/ray job submit --address $(ADDRESS) --working-dir . \
+		--runtime-env-json '{"excludes": ["data/", ".git/", ".benchmarks/"]}' -- \
+		toco train $(SUBMIT_CONFIG) --workers $(WORKERS) $(ARGS) \
+		tracking.tracking_uri=sqlite:///$(CURDIR)/mlruns/mlflow.db tracking.artifact_root=$(CURDIR)/mlruns/artifacts \
+		output_dir=$(CURDIR)/runs/submitted
 
 synth: $(STAMP)  ## write the synthetic benchmark in the VOC layout to data/synthetic
 	$(TOCO) data synth --out data/synthetic

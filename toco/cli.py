@@ -22,8 +22,10 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{r[c]}".ljust(widths[c]) for c in columns))
 
 
-def run_training(cfg, resume: str | None = None) -> dict:
-    """Train with MLflow tracking (when enabled); a resumed run continues its own MLflow run."""
+def run_training(cfg, resume: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
+                 address: str | None = None) -> dict:
+    """Train with MLflow tracking (when enabled); a resumed run continues its own MLflow run.
+    With workers > 1 the same loop runs as DDP workers under Ray Train (toco.distributed.train)."""
     from toco.engine.loop import Trainer
 
     out_dir = Path(cfg.output_dir)
@@ -38,7 +40,12 @@ def run_training(cfg, resume: str | None = None) -> dict:
         run_id_file.write_text(logger.run_id)
     start = time.perf_counter()
     try:
-        outcome = Trainer(cfg, logger, resume).fit()
+        if workers > 1:
+            from toco.distributed.train import train_on_ray
+
+            outcome = train_on_ray(cfg, workers, gpus_per_worker, address, resume, logger.run_id if logger else None)
+        else:
+            outcome = Trainer(cfg, logger, resume).fit()
     except BaseException:
         if logger:
             logger.end("KILLED" if not isinstance(sys.exc_info()[1], Exception) else "FAILED")
@@ -56,7 +63,7 @@ def run_training(cfg, resume: str | None = None) -> dict:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    summary = run_training(cfg, args.resume)
+    summary = run_training(cfg, args.resume, args.workers, args.gpus_per_worker, args.address)
     print(json.dumps(summary, indent=1))
     if cfg.data.name == "synthetic":
         from toco.data import build_source
@@ -69,6 +76,22 @@ def cmd_train(args) -> None:
         rows += [dict(method=f"trivial: {k}", miou=f"{v:.4f}") for k, v in baselines.items()]
         print(f"\nsynthetic val split, {summary['iterations']} iterations in {summary['wall_s']:.0f} s")
         _print_table(rows, ["method", "miou"])
+
+
+def cmd_sweep(args) -> None:
+    from toco.distributed.sweep import SweepInterrupted, load_sweep, run_sweep
+
+    spec = load_sweep(args.spec, args.overrides)
+    try:
+        summary = run_sweep(spec, out_dir=args.out, resume=args.resume, restart=args.restart, address=args.address)
+    except SweepInterrupted as err:
+        sys.exit(str(err))
+    print()
+    _print_table(summary["trials"], ["trial", "iteration", spec.metric, *spec.space])
+    print(f"\nbest trial {summary['best_trial']}: {spec.metric} = {summary['best_value']:.4f} "
+          f"(the default config: {summary['default_value']}); {summary['trials_run']} trials in "
+          f"{summary['wall_s']:.0f} s")
+    print(f"best configuration: {summary['best_config']}   (train it: toco train {summary['best_config']})")
 
 
 def cmd_ablation(args) -> None:
@@ -85,25 +108,86 @@ def cmd_ablation(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from toco.engine.checkpoint import check_compatible, load_checkpoint
-    from toco.engine.evaluate import evaluate
-    from toco.engine.loop import build_loaders, resolve_device
-    from toco.models import build_model
-    from toco.tracking import write_evaluation
+    """Score a checkpoint on a split (SPEC §5); optionally the pseudo labels on the train split."""
+    from toco.inference import InferenceSettings, evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides + ["model.pretrained=false"])
-    cfg.data.val_split = args.split
+    cfg = load_config(args.config, args.overrides)
+    settings = InferenceSettings.from_flags(args.ms, args.crf, cfg.data.name, resize=args.resize,
+                                      crf_backend=args.crf_backend)
+    out_dir = Path(args.out or Path(args.checkpoint).parent / "eval" / f"{args.split}_{settings.name}")
+    pseudo_split = (args.pseudo_split or cfg.data.train_split) if args.pseudo else None
+    result, summary = evaluate_checkpoint(cfg, args.checkpoint, args.split, settings, out_dir, pseudo_split,
+                                          args.limit)
+    print(f"{args.split}: {result.images} images, {settings.name}, {result.metrics()['images_per_s']:.2f} images/s")
+    print(result.confusion.table(result.class_names) if result.scored else "no masks in this split: predictions only")
+    if pseudo_split:
+        print(f"\npseudo labels on {pseudo_split}:")
+        _print_table([dict(label=k.removeprefix("pseudo/"), value=f"{v:.4f}") for k, v in summary["pseudo"].items()],
+                     ["label", "value"])
+    print(f"\nwrote {out_dir}/summary.json and {result.images} predictions under {out_dir}/pred")
+    if cfg.tracking.enabled:
+        print(f"MLflow run {_log_evaluation(cfg, args.checkpoint, summary, out_dir)}")
+
+
+def _log_evaluation(cfg, checkpoint: str, summary: dict, out_dir: Path) -> str:
+    """An MLflow run for an evaluation, tagged with the training run that made the checkpoint."""
+    from toco.tracking import log_run
+
+    tags = {"kind": "evaluation", "checkpoint": str(Path(checkpoint).resolve()), "dataset": cfg.data.name}
+    run_id_file = Path(checkpoint).parent / "mlflow_run_id"
+    if run_id_file.is_file():
+        tags["parent_training_run"] = run_id_file.read_text().strip()
+    metrics = {f"eval/{k}": v for k, v in summary["metrics"].items()}
+    metrics.update({f"eval/iou/{k}": v for k, v in summary["per_class_iou"].items()})
+    metrics.update(summary.get("pseudo", {}))
+    params = dict(split=summary["split"], images=summary["images"], backbone=summary["backbone"],
+                  **summary["test_time"])
+    name = f"eval {summary['split']} {Path(out_dir).name}"
+    return log_run(cfg.tracking.tracking_uri, cfg.tracking.artifact_root, cfg.tracking.experiment, name, params,
+                   metrics, tags, [out_dir / f for f in ("summary.json", "per_class_iou.txt", "confusion.png",
+                                                         "samples.png")])
+
+
+def cmd_predict(args) -> None:
+    """Segment image files; an unreadable one is reported by name and skipped (exit status 1 at the end)."""
+    from toco.data import DatasetError
+    from toco.engine.loop import resolve_device
+    from toco.inference import InferenceSettings, checkpoint_config, load_trained_model, predict_file
+
+    cfg = checkpoint_config(args.checkpoint, args.config, args.set)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, cfg.data.num_classes).to(device)
-    state = load_checkpoint(args.checkpoint, map_location=device)
-    check_compatible(model, state["model"], args.checkpoint)
-    model.load_state_dict(state["model"])
-    _, val_loader, class_names = build_loaders(cfg)
-    result = evaluate(model, val_loader, cfg.data.num_classes, cfg.pseudo, device, keep=6)
-    print(result.confusion["seg"].table(class_names))
-    print(json.dumps(result.metrics, indent=1))
-    if args.out:
-        write_evaluation(result, class_names, Path(args.out))
+    model = load_trained_model(cfg, args.checkpoint, device)
+    names = list(_class_names(cfg))
+    max_side = cfg.data.val_size if args.max_side is None else args.max_side
+    settings = InferenceSettings.from_flags(args.ms, args.crf, cfg.data.name, max_side=max_side)
+    failed, stems = [], set()
+    for path in args.images:
+        stem = Path(path).stem
+        while stem in stems:  # two inputs of the same name from different folders
+            stem += "_"
+        try:
+            shares = predict_file(model, path, settings, device, args.out, stem, names)
+        except DatasetError as err:
+            print(f"skipped: {err}", file=sys.stderr)  # the message names the file
+            failed.append(path)
+            continue
+        stems.add(stem)
+        ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+        print(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in ranked))
+    print(f"wrote {len(stems)} predictions (<name>.png, <name>_overlay.png) to {args.out}")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(args.images)} images could not be read: {', '.join(map(str, failed))}")
+
+
+def _class_names(cfg) -> tuple[str, ...]:
+    """Class names of the configured dataset, without reading it (predict may run without the data)."""
+    from toco.data import COCO_CLASS_NAMES, SYNTH_CLASS_NAMES, VOC_CLASS_NAMES
+
+    known = {"voc": VOC_CLASS_NAMES, "coco": COCO_CLASS_NAMES, "synthetic": SYNTH_CLASS_NAMES}.get(cfg.data.name)
+    n = cfg.data.num_classes
+    if known is not None and len(known) >= n:
+        return known[:n]
+    return tuple(f"class_{i}" for i in range(n))
 
 
 def cmd_data_synth(args) -> None:
@@ -132,19 +216,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train ToCo, evaluate, log to MLflow")
     _add_config_args(p)
     p.add_argument("--resume", help="checkpoint to continue from (e.g. runs/synthetic/last.pt)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train DDP workers sharing the global train.batch_size (1 = in-process, no Ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="0 = CPU workers with gloo; > 0 = nccl")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local one for this run)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna (TPE) + ASHA over a YAML search space, MLflow runs nested")
+    p.add_argument("spec", help="sweep YAML under experiments/sweeps/")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every trial's config")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this spec")
+    p.add_argument("--restart", action="store_true", help="discard an earlier sweep of this spec and start over")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
+    p.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("ablation", help="train several configs and print their val mIoUs side by side")
     p.add_argument("configs", nargs="+")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value for every config")
     p.set_defaults(func=cmd_ablation)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split (single scale)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split: per-class IoU, mIoU, palette PNGs, MLflow")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="val")
-    p.add_argument("--out", help="folder for the IoU table, confusion matrix and pictures")
+    p.add_argument("--ms", action="store_true", help="multi-scale (1.0, 1.25, 1.5) + flip test-time fusion")
+    p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
+    p.add_argument("--crf-backend", default="auto", help="toco.crf backend: auto | cpu | cuda | pydensecrf")
+    p.add_argument("--resize", type=int, default=None,
+                   help="square input side as in-training validation (default: each image at its own size)")
+    p.add_argument("--pseudo", action="store_true", help="also score CAM / aux-CAM / PAR pseudo labels")
+    p.add_argument("--pseudo-split", help="split for --pseudo (default: the config's train split)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images of each split")
+    p.add_argument("--out", help="folder for predictions and summary (default: <checkpoint dir>/eval/<split>_<mode>)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment image files and write coloured overlays")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="training config (default: config.yaml beside the checkpoint)")
+    p.add_argument("--set", action="append", default=[], help="key=value config override")
+    p.add_argument("--ms", action="store_true", help="multi-scale + flip")
+    p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="downscale images whose long side exceeds this (default: the config's data.val_size; "
+                        "0 = never)")
+    p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the synthetic benchmark in the VOC layout")
@@ -161,12 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may also follow options (`toco train CFG --workers 2 a.b=1`):
+    argparse fills a nargs='*' positional at its first chance and would reject the later ones."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(overrides) != len(extra) or (extra and not isinstance(getattr(args, "overrides", None), list)):
+        parser.parse_args(argv)  # exits naming the unrecognised arguments
+    if overrides:
+        args.overrides = args.overrides + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
+    from toco.inference import CheckpointError
+
     try:
         args.func(args)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    except CheckpointError as err:
+        sys.exit(f"checkpoint error: {err}")
 
 
 if __name__ == "__main__":

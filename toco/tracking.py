@@ -4,9 +4,12 @@ Store: a sqlite database plus an artifact folder under `mlruns/` (MLflow 3 refus
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +26,89 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextmanager
+def _first_use_lock(tracking_uri: str):
+    """Serialises opening a sqlite store across processes: MLflow creates its tables on first contact, and two
+    processes doing that at once fail ('table ... already exists'), as do two creating the same experiment."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def retry_locked(call, attempts: int = 6):
+    """Run `call`, again after a pause when sqlite says 'database is locked': concurrent writers wait up to 20 s
+    for the lock, which a loaded machine can exceed. A failed write was rolled back, so repeating it is safe."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as err:  # MlflowException or sqlalchemy's OperationalError, depending on the call
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+
+
 def setup_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
     """Point mlflow at the store and return the experiment id, creating both on first use."""
     import mlflow
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = Path(artifact_root).resolve()
-    location.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+    with _first_use_lock(tracking_uri):
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = Path(artifact_root).resolve()
+        location.mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict | None = None) -> None:
+    """Close a run another process started (a sweep trial that was stopped early or died)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for key, value in (tags or {}).items():
+        retry_locked(lambda: client.set_tag(run_id, key, str(value)))
+    retry_locked(lambda: client.set_terminated(run_id, status))
+
+
+def log_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: str, params: dict | None = None,
+            metrics: dict[str, float] | None = None, tags: dict | None = None, artifacts: list | None = None) -> str:
+    """One finished run in one call (evaluations, benchmarks); returns its id. Non-finite metrics are left out,
+    `git_commit` is tagged unless given."""
+    import mlflow
+
+    from mlflow.entities import Metric, Param
+
+    exp_id = setup_mlflow(tracking_uri, artifact_root, experiment)
+    client = mlflow.MlflowClient(tracking_uri)
+    tags = {"git_commit": git_commit(), **(tags or {})}
+    run = retry_locked(lambda: client.create_run(exp_id, run_name=run_name,
+                                                 tags={k: str(v) for k, v in tags.items()}))
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    try:
+        retry_locked(lambda: client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()
+                     if v is not None and np.isfinite(v)],
+            params=[Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))
+                    for k, v in (params or {}).items()]))
+        for path in artifacts or []:
+            if Path(path).exists():
+                client.log_artifact(run_id, str(path))
+    except BaseException:
+        retry_locked(lambda: client.set_terminated(run_id, "FAILED"))
+        raise
+    retry_locked(lambda: client.set_terminated(run_id, "FINISHED"))
+    return run_id
 
 
 class MLflowLogger:
@@ -49,6 +122,13 @@ class MLflowLogger:
         self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.tracking.run_name,
                                     nested=nested)
         self.run_id = self.run.info.run_id
+        # a resumed run skips the (metric, step) pairs it already holds: the steps a killed process logged after
+        # its last checkpoint are repeated after the resume, and each must appear once
+        self.logged_steps: dict[str, set[int]] = {}
+        if run_id is not None:
+            client = mlflow.MlflowClient()
+            for key in client.get_run(run_id).data.metrics:
+                self.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
         if run_id is None:  # a resumed run keeps its params
             params = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in flatten(cfg).items()}
             mlflow.log_params(params)
@@ -59,8 +139,9 @@ class MLflowLogger:
                 mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()},
-                                step=step)
+        fresh = {k: float(v) for k, v in metrics.items() if step not in self.logged_steps.get(k, ())}
+        if fresh:
+            retry_locked(lambda: self.mlflow.log_metrics(fresh, step=step))
 
     def log_artifact(self, path, artifact_path=None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path)

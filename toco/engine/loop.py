@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -127,8 +127,12 @@ class Trainer:
     """Holds model, optimiser and data; `fit` runs to cfg.train.max_iters."""
 
     def __init__(self, cfg: Config, logger: Logger | None = None, resume: str | Path | None = None,
-                 rank: int = 0, world: int = 1, wrap_model=None, device: torch.device | None = None):
+                 rank: int = 0, world: int = 1, wrap_model=None, device: torch.device | None = None,
+                 on_checkpoint: Callable[[Path | None, dict[str, float], int], None] | None = None):
         self.cfg, self.logger = cfg, logger or NullLogger()
+        # called on every rank after each checkpoint with (rank 0's checkpoint file or None, the latest logged
+        # metrics, iteration); Ray Train's report is a barrier that every rank must reach
+        self.on_checkpoint = on_checkpoint
         self.rank, self.world = rank, world
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -171,6 +175,7 @@ class Trainer:
         self.model.train()
         window: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
+        latest: dict[str, float] = {}  # the last logged value of every metric, for on_checkpoint
         progress = tqdm(total=tc.max_iters, initial=self.iteration, desc="train", unit="it",
                         disable=not self.is_main, dynamic_ncols=True, mininterval=2.0)
         tick, tick_iter = time.perf_counter(), self.iteration
@@ -200,11 +205,17 @@ class Trainer:
                 logged["train/iters_per_s"] = rate
                 if self.is_main:
                     self.logger.log_metrics(logged, self.iteration)
+                latest.update(logged)
                 window, tick, tick_iter = {}, time.perf_counter(), self.iteration
             if self.iteration % tc.eval_every == 0 or self.iteration == tc.max_iters:
                 metrics = self._evaluate(val_loader, class_names)
-            if self.is_main and (self.iteration % tc.ckpt_every == 0 or self.iteration == tc.max_iters):
-                save_checkpoint(self.out_dir / "last.pt", self.state())
+                latest.update(metrics)
+            if self.iteration % tc.ckpt_every == 0 or self.iteration == tc.max_iters:
+                path = self.out_dir / "last.pt" if self.is_main else None
+                if path:
+                    save_checkpoint(path, self.state())
+                if self.on_checkpoint:
+                    self.on_checkpoint(path, dict(latest, best_miou_seg=self.best_miou), self.iteration)
         progress.close()
         if self.is_main:
             self.logger.log_artifact(self.out_dir / "last.pt", "checkpoints")

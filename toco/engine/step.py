@@ -65,7 +65,7 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
                                          cfg.data.num_local_crops, pc.uncertain_ratio,
                                          legacy_bugs=cfg.legacy_bugs, generator=generator)
         crops = torch.cat(crop_list)
-    out = model(images, batch["global2"] if active["ctc"] else None, crops, lc.ema_momentum)
+    out = model(images, batch["global2"] if active["ctc"] else None, crops, lc.ema_momentum, seg=active["seg"])
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}

@@ -1,0 +1,159 @@
+"""What the benchmarks share: the models they measure, peak memory, per-stage timers."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from toco.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ROOT / "benchmarks" / "baselines"
+
+# the embedded synthetic experiment as it is (96-px images, a 6-block ViT of width 128): "the tiny CPU model"
+TINY = ["tracking.enabled=false", "data.num_workers=0"]
+# the paper's network (ViT-B/16, 21 classes, 448 crops) with random weights, fed synthetic 448-px images
+VIT_B = ["tracking.enabled=false", "model.pretrained=false", "data.name=synthetic", "data.root=null",
+         "data.num_classes=7", "data.synth_size=448", "data.synth_train=8", "data.synth_val=2",
+         "data.num_workers=0", "train.batch_size=2"]
+# the accuracy benchmark: the synthetic experiment itself, cut to 400 iterations (segmentation from 200) and 100
+# val images: ~7 CPU-minutes, enough for the CAMs to localise (mIoU ~0.35 against 0.15 for all-background)
+ACCURACY = ["tracking.enabled=false", "data.num_workers=0", "data.synth_val=100", "train.max_iters=400",
+            "loss.seg_start=200", "optim.warmup_iters=40", "train.eval_every=400", "train.log_every=100",
+            "train.ckpt_every=400"]
+
+
+def large_enabled() -> bool:
+    """ViT-B/16 at 448 runs on a GPU, or on the CPU when asked for (slow: minutes)."""
+    return torch.cuda.is_available() or os.environ.get("TOCO_BENCH_LARGE") == "1"
+
+
+def bench_config(kind: str) -> Config:
+    if kind == "tiny":
+        return load_config(ROOT / "experiments" / "synthetic.yaml", TINY)
+    if kind == "vit_b16_448":
+        return load_config(ROOT / "experiments" / "voc_vit_b.yaml", VIT_B)
+    if kind == "accuracy":
+        return load_config(ROOT / "experiments" / "synthetic.yaml", ACCURACY)
+    raise ValueError(kind)
+
+
+def bench_device(kind: str) -> torch.device:
+    """The tiny model is the CPU benchmark; ViT-B uses the GPU when there is one."""
+    return torch.device("cuda" if kind != "tiny" and torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the OS (glibc malloc_trim), so the resident set measured next
+    starts from what is really in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of the code inside `with`, in MiB: the CUDA allocator's peak above what was allocated at the
+    start on a GPU; on the CPU the peak rise of the process's resident set above the start (after the allocator
+    has returned its free pages), sampled every millisecond: an estimate."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib = device, float("nan")
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            gc.collect()
+            _release_free_memory()
+            self._base = self._peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.mib = (self._peak - self._base) / 2 ** 20
+
+
+class StageTimer:
+    """Wall time per named stage, summed within a round (one training iteration), averaged over rounds. Also the
+    process's CPU time per stage (all threads), which a machine shared with other work distorts much less."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rounds: list[dict[str, float]] = []
+        self.cpu_rounds: list[dict[str, float]] = []
+
+    def new_round(self) -> None:
+        self.rounds.append(defaultdict(float))
+        self.cpu_rounds.append(defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str):
+        sync(self.device)  # GPU work queued before belongs to the stage that queued it
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.rounds[-1][name] += time.perf_counter() - start
+            self.cpu_rounds[-1][name] += time.process_time() - cpu_start
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self.stage(name):
+                return fn(*args, **kwargs)
+        return timed
+
+    def mean(self, skip: int = 0, cpu: bool = False) -> dict[str, float]:
+        """Mean per round of each stage, with `other` = total - the named stages."""
+        rounds = (self.cpu_rounds if cpu else self.rounds)[skip:]
+        names = {k for r in rounds for k in r}
+        stages = {k: sum(r.get(k, 0.0) for r in rounds) / len(rounds) for k in names}
+        stages["other"] = stages["total"] - sum(v for k, v in stages.items() if k != "total")
+        return stages
+
+
+def format_stages(wall: dict[str, float], cpu: dict[str, float] | None = None) -> str:
+    """A table of stages, slowest (wall) first, with their share of the iteration; CPU time beside when given."""
+    rows = sorted((k for k in wall if k != "total"), key=lambda k: -wall[k]) + ["total"]
+    width = max(len(k) for k in rows)
+    lines = [f"{'stage':<{width}}  {'wall ms':>9}  {'share':>6}" + (f"  {'cpu ms':>9}  {'share':>6}" if cpu else "")]
+    for k in rows:
+        line = f"{k:<{width}}  {1000 * wall[k]:9.1f}  {100 * wall[k] / wall['total']:5.1f}%"
+        if cpu:
+            line += f"  {1000 * cpu.get(k, 0.0):9.1f}  {100 * cpu.get(k, 0.0) / max(cpu['total'], 1e-12):5.1f}%"
+        lines.append(line)
+    return "\n".join(lines)

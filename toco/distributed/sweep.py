@@ -1,0 +1,433 @@
+"""Hyper-parameter sweeps: Ray Tune with Optuna's TPE sampler and ASHA early stopping.
+
+A sweep YAML (experiments/sweeps/) names the experiment every trial starts from, the overrides that shorten it
+and the search space over dotted config keys. Each trial is a Tune function trainable: it trains in its own
+process (`workers: 1`) or builds a `TorchTrainer` of `workers` DDP workers whose reports Tune receives through
+`TuneReportCallback` (Ray Train V2 no longer accepts a TorchTrainer inside a Tuner). A trial reports at every
+checkpoint, which is also an evaluation, so ASHA and TPE see the metric each time.
+
+MLflow: one parent run per sweep, one nested run per trial (tag `mlflow.parentRunId`); the parent gets the
+table of trials, the best configuration as a ready-to-train YAML, and parameter-importance and
+parallel-coordinate plots.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+import typing
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from toco.config import Config, ConfigError, load_config, save_config
+from toco.distributed.train import CHECKPOINT_FILE, absolute_paths, checkpoint_folder, fit_distributed, init_ray
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+@dataclass
+class SweepSpec:
+    name: str                              # folder runs/sweeps/<name> and the MLflow parent run's name
+    config: str                            # experiment YAML every trial starts from (relative to the sweep YAML)
+    space: dict[str, dict]                 # dotted config key -> {uniform|loguniform|randint: [lo, hi]} | {choice: [...]}
+    overrides: dict[str, typing.Any] = field(default_factory=dict)  # dotted key -> value, for every trial
+    metric: str = "val/miou_seg"
+    mode: str = "max"
+    num_samples: int = 8                   # trials
+    max_concurrent: int = 1                # trials at once
+    workers: int = 1                       # Ray Train DDP workers per trial; 1 = the trial trains in its own process
+    gpus_per_worker: float = 0.0
+    cpus_per_trial: float = 1.0            # Ray resources of an in-process trial
+    grace_period: int = 100                # ASHA: iterations every trial gets before it can be stopped
+    reduction_factor: float = 3.0          # ASHA: keep the best 1/rf at each rung
+    startup_trials: int = 4                # TPE: random trials before it starts modelling
+    seed: int = 0
+    evaluate_default: bool = True          # the first trial uses the experiment's own values (a baseline)
+    time_budget_s: float | None = None     # stop launching and stop running trials after this long
+    cli_overrides: list[str] = field(default_factory=list)  # key=value from the command line, after `overrides`
+    cwd: str = "."                         # relative paths in the configs are relative to this folder
+
+    def trial_config(self, params: dict) -> Config:
+        """The experiment with the sweep's overrides and one trial's parameters; paths made absolute."""
+        items = {**self.overrides, **params}
+        cfg = load_config(self.config, [f"{k}={json.dumps(v)}" for k, v in items.items()] + self.cli_overrides)
+        cfg.train.ckpt_every = cfg.train.eval_every  # a report (= checkpoint) must carry the metric
+        return absolute_paths(cfg, base=self.cwd)
+
+    def default_params(self) -> dict:
+        cfg = load_config(self.config, [f"{k}={json.dumps(v)}" for k, v in self.overrides.items()]
+                          + self.cli_overrides)
+        return {key: _get(cfg, key) for key in self.space}
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> SweepSpec:
+    """Read and check a sweep YAML; a wrong key, type or range fails here, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(SweepSpec)} - {"cli_overrides", "cwd"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"sweep {path}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("name", "config", "space") if k not in raw]
+    if missing:
+        raise ConfigError(f"sweep {path}: missing keys {missing}")
+    for key in ("space", "overrides"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigError(f"sweep {path}: {key!r} should be a mapping of dotted config keys, got {raw[key]!r}")
+    hints = typing.get_type_hints(SweepSpec)
+    for key, value in raw.items():
+        if hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            raw[key] = float(value)
+        elif hints[key] in (int, float, str, bool) and type(raw[key]) is not hints[key]:
+            raise ConfigError(f"sweep {path}: {key!r} should be {hints[key].__name__}, got {value!r}")
+    raw["config"] = str((path.parent / raw["config"]).resolve())
+    spec = SweepSpec(**raw, cli_overrides=list(cli_overrides or []), cwd=str(Path.cwd()))
+    if spec.mode not in ("max", "min"):
+        raise ConfigError(f"sweep {path}: mode must be max or min, got {spec.mode!r}")
+    if spec.workers < 1 or spec.num_samples < 1 or spec.max_concurrent < 1:
+        raise ConfigError(f"sweep {path}: workers, num_samples and max_concurrent must be >= 1")
+    for key, dist in spec.space.items():
+        if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
+            raise ConfigError(f"sweep {path}: space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, "
+                              f"got {dist!r}")
+        kind, args = next(iter(dist.items()))
+        if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+            raise ConfigError(f"sweep {path}: space.{key}.{kind} needs [low, high] with low < high, got {args!r}")
+    cfg = spec.trial_config({})  # the experiment, the overrides and every swept key must exist and type-check
+    for key, dist in spec.space.items():
+        kind, args = next(iter(dist.items()))
+        probe = args[0]
+        try:
+            spec.trial_config({key: probe})
+        except ConfigError as err:
+            raise ConfigError(f"sweep {path}: space.{key}: {err}") from None
+        if spec.evaluate_default and not _inside(_get(cfg, key), kind, args):
+            raise ConfigError(f"sweep {path}: the experiment's {key}={_get(cfg, key)} lies outside space.{key}; "
+                              "widen the range or set evaluate_default: false")
+    if cfg.train.eval_every > cfg.train.max_iters:
+        raise ConfigError(f"sweep {path}: train.eval_every={cfg.train.eval_every} > train.max_iters")
+    return spec
+
+
+def _inside(value, kind: str, args) -> bool:
+    if kind == "choice":
+        return value in args
+    return args[0] <= value <= args[1]
+
+
+def _tune_space(space: dict[str, dict]) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, dist in space.items():
+        kind, args = next(iter(dist.items()))
+        out[key] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+                    "randint": lambda a: tune.randint(a[0], a[1] + 1), "choice": tune.choice}[kind](args)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one trial (runs in a Tune actor)
+
+def run_trial(params: dict, spec: SweepSpec, sweep_dir: str, parent_run_id: str | None) -> None:
+    """A Tune function trainable: train one configuration, report at every checkpoint, resume from Tune's."""
+    from ray import tune
+
+    from toco.engine.loop import Trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = spec.trial_config(params)
+    out = Path(sweep_dir) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(out)
+    cfg.tracking.run_name = f"{spec.name}-{trial_id}"
+    logger = None
+    if cfg.tracking.enabled:
+        from toco.tracking import MLflowLogger
+
+        run_id_file = out / "mlflow_run_id"  # a resumed trial continues its own run
+        run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
+        tags = {"sweep": spec.name, "trial_id": trial_id}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id  # what makes it a nested run in the MLflow UI
+        logger = MLflowLogger(cfg, run_id=run_id, tags=tags)
+        run_id_file.write_text(logger.run_id)
+    if spec.workers > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        # Ray Train restores from its own storage (same path and name) when Tune resumes this trial
+        fit_distributed(cfg, spec.workers, spec.gpus_per_worker, logger.run_id if logger else None,
+                        storage_path=out / "ray", name="train", fresh=False, callbacks=[TuneReportCallback()])
+    else:
+        def report(path: Path | None, metrics: dict, iteration: int) -> None:
+            with checkpoint_folder(path) as folder:
+                tune.report(dict(metrics, iteration=iteration), checkpoint=tune.Checkpoint.from_directory(folder))
+
+        restored = tune.get_checkpoint()
+        with restored.as_directory() if restored else nullcontext(None) as folder:
+            trainer = Trainer(cfg, logger, Path(folder) / CHECKPOINT_FILE if folder else None, on_checkpoint=report)
+        trainer.fit()
+    if logger:
+        logger.end()
+
+
+def _trial_done(sweep_dir: Path, trial_id: str) -> Path:
+    folder = sweep_dir / "trials" / trial_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "done"
+
+
+def _trial_run_id(sweep_dir: Path, trial_id: str) -> str | None:
+    path = sweep_dir / "trials" / trial_id / "mlflow_run_id"
+    return path.read_text().strip() if path.exists() else None
+
+
+def _close_trial_runs_callback(tracking_uri: str, sweep_dir: Path, max_iters: int):
+    """A Tune callback on the driver that ends a trial's MLflow run (ASHA stops a trial by ending its actor, so
+    the trial never closes its own run) and marks the trial done (Tune does not tell an interrupted sweep apart)."""
+    from ray import tune
+
+    from toco.tracking import end_run
+
+    class CloseTrialRuns(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run_id = _trial_run_id(sweep_dir, trial.trial_id)
+            if run_id:
+                reached = int((trial.last_result or {}).get("iteration", 0))
+                end_run(tracking_uri, run_id, "FINISHED",
+                        {"stopped_at_iteration": reached, "early_stopped": reached < max_iters})
+            _trial_done(sweep_dir, trial.trial_id).touch()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = _trial_run_id(sweep_dir, trial.trial_id)
+            if run_id:
+                end_run(tracking_uri, run_id, "FAILED")
+            _trial_done(sweep_dir, trial.trial_id).touch()
+
+    return CloseTrialRuns()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the driver
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool = False, restart: bool = False,
+              address: str | None = None) -> dict:
+    """Run (or resume) the sweep; write best.yaml and trials.json into the sweep folder; return a summary."""
+    from ray import tune
+
+    sweep_dir = Path(out_dir or Path("runs/sweeps") / spec.name).resolve()
+    tune_dir = sweep_dir / "tune"
+    if resume and not tune_dir.exists():
+        raise ConfigError(f"nothing to resume: {sweep_dir} holds no sweep")
+    if tune_dir.exists() and not resume:
+        if not restart:
+            raise ConfigError(f"{sweep_dir} holds an earlier sweep: --resume to continue it, --restart to start over")
+        shutil.rmtree(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps(asdict(spec), indent=1))
+
+    base = spec.trial_config({})
+    started = init_ray(address)
+    parent = None
+    start = time.perf_counter()
+    try:
+        parent = _parent_run(base, spec, sweep_dir) if base.tracking.enabled else None
+        trainable = tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
+                                         parent_run_id=parent.run_id if parent else None)
+        # a multi-worker trial only drives its TorchTrainer, whose workers hold the CPUs
+        trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial if spec.workers == 1 else 0})
+        if resume:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=_tune_space(spec.space),
+                               tune_config=_tune_config(spec, base),
+                               run_config=tune.RunConfig(
+                                   name="tune", storage_path=str(sweep_dir),
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                   callbacks=[_close_trial_runs_callback(base.tracking.tracking_uri, sweep_dir,
+                                                                         base.train.max_iters)]))
+        results = tuner.fit()
+    except BaseException:
+        if parent:
+            parent.end("KILLED")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    wall_file = sweep_dir / "wall_s"  # a resumed sweep adds its time to the earlier sessions'
+    wall = time.perf_counter() - start + (float(wall_file.read_text()) if resume and wall_file.exists() else 0.0)
+    wall_file.write_text(f"{wall:.1f}")
+    trial_ids = [Path(r.path).name for r in results if r.path]
+    unfinished = [t for t in trial_ids if not (sweep_dir / "trials" / t / "done").exists()]
+    out_of_time = spec.time_budget_s is not None and wall >= 0.98 * spec.time_budget_s
+    if not out_of_time and (unfinished or len(trial_ids) < spec.num_samples):
+        # Ctrl-C: Tune saved its state and returned early
+        for trial_id in unfinished:
+            run_id = _trial_run_id(sweep_dir, trial_id)
+            if run_id:
+                from toco.tracking import end_run
+
+                end_run(base.tracking.tracking_uri, run_id, "KILLED")
+        if parent:
+            parent.end("KILLED")
+        raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - len(trial_ids)} trials "
+                               f"not started and {len(unfinished)} unfinished; "
+                               f"continue it: toco sweep <spec> --resume" + (f" --out {out_dir}" if out_dir else ""))
+    summary = _summarise(spec, results, sweep_dir, base, wall)
+    if parent:
+        _log_parent(parent, spec, summary, sweep_dir)
+    return summary
+
+
+class SweepInterrupted(RuntimeError):
+    pass
+
+
+def _tune_config(spec: SweepSpec, base: Config):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials)
+    searcher = OptunaSearch(sampler=sampler, seed=spec.seed,
+                            points_to_evaluate=[spec.default_params()] if spec.evaluate_default else None)
+    scheduler = ASHAScheduler(time_attr="iteration", max_t=base.train.max_iters, grace_period=spec.grace_period,
+                              reduction_factor=spec.reduction_factor)
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+                           scheduler=scheduler, max_concurrent_trials=spec.max_concurrent,
+                           time_budget_s=spec.time_budget_s, trial_dirname_creator=lambda t: t.trial_id)
+
+
+def _parent_run(base: Config, spec: SweepSpec, sweep_dir: Path):
+    """The sweep's MLflow run; a resumed sweep continues its own."""
+    from toco.tracking import MLflowLogger
+
+    base = copy.deepcopy(base)
+    base.tracking.run_name = f"sweep {spec.name}"
+    id_file = sweep_dir / "mlflow_parent_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    parent = MLflowLogger(base, run_id=run_id, tags={"kind": "sweep", "sweep": spec.name})
+    id_file.write_text(parent.run_id)
+    return parent
+
+
+def _summarise(spec: SweepSpec, results, sweep_dir: Path, base: Config, wall: float) -> dict:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        params = {k: (result.config or {}).get(k) for k in spec.space}
+        value = metrics.get(spec.metric)
+        rows.append(dict(trial=metrics.get("trial_id") or Path(result.path).name,
+                         iteration=int(metrics.get("iteration", 0)),
+                         value=float(value) if value is not None else float("nan"),
+                         error=str(result.error) if result.error else "", params=params))
+    finished = [r for r in rows if not math.isnan(r["value"])]
+    if not finished:
+        raise RuntimeError(f"no trial of sweep {spec.name} reported {spec.metric}; see {sweep_dir}/tune")
+    sign = 1 if spec.mode == "max" else -1
+    # rank by the value at the deepest rung reached: ASHA stops the weak trials early, so compare like for like
+    best = max(finished, key=lambda r: (r["iteration"], sign * r["value"]))
+    default = spec.default_params() if spec.evaluate_default else None
+    default_row = next((r for r in rows if default and all(
+        math.isclose(float(r["params"][k]), float(v)) if isinstance(v, (int, float)) else r["params"][k] == v
+        for k, v in default.items())), None)
+
+    best_cfg = load_config(spec.config, spec.cli_overrides + [f"{k}={json.dumps(v)}"
+                                                              for k, v in best["params"].items()])
+    best_cfg.output_dir = f"runs/{spec.name}-best"
+    best_cfg.tracking.run_name = f"{spec.name}-best"
+    best_yaml = sweep_dir / "best.yaml"
+    save_config(best_cfg, best_yaml)
+    header = (f"# best trial {best['trial']} of sweep {spec.name}: {spec.metric} = {best['value']:.4f} at "
+              f"iteration {best['iteration']} of the sweep's shortened schedule\n"
+              f"# the experiment {Path(spec.config).name} with the tuned values; train it: toco train {best_yaml}\n")
+    best_yaml.write_text(header + best_yaml.read_text())
+
+    ranked = sorted(rows, key=lambda r: (r["iteration"], -math.inf if math.isnan(r["value"]) else sign * r["value"]),
+                    reverse=True)
+    table = [dict(trial=r["trial"], iteration=r["iteration"], **{spec.metric: f"{r['value']:.4f}"},
+                  **{k: _fmt(v) for k, v in r["params"].items()}) for r in ranked]
+    summary = dict(trials=table, best_trial=best["trial"], best_value=best["value"], best_params=best["params"],
+                   best_iteration=best["iteration"], best_config=str(best_yaml),
+                   default_value=(f"{default_row['value']:.4f} at iteration {default_row['iteration']}"
+                                  if default_row else "not evaluated"),
+                   trials_run=len(rows), wall_s=wall, rows=rows)
+    (sweep_dir / "trials.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "trials"},
+                                                      indent=1, default=str))
+    return summary
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _log_parent(parent, spec: SweepSpec, summary: dict, sweep_dir: Path) -> None:
+    parent.log_metrics({f"best/{spec.metric}": summary["best_value"], "sweep/trials": summary["trials_run"],
+                        "sweep/wall_s": summary["wall_s"]}, summary["best_iteration"])
+    for name in ("best.yaml", "trials.json", "sweep.json"):
+        parent.log_artifact(sweep_dir / name, "sweep")
+    for plot in plot_sweep(spec, summary["rows"], sweep_dir):
+        parent.log_artifact(plot, "sweep")
+    parent.end()
+
+
+def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]:
+    """Optuna's parameter-importance (fANOVA) and parallel-coordinate plots of the trials' last values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {}
+    for key, dist in spec.space.items():
+        kind, args = next(iter(dist.items()))
+        dists[key] = {"uniform": lambda a: FloatDistribution(a[0], a[1]),
+                      "loguniform": lambda a: FloatDistribution(a[0], a[1], log=True),
+                      "randint": lambda a: IntDistribution(a[0], a[1]),
+                      "choice": lambda a: CategoricalDistribution(a)}[kind](args)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
+    for r in rows:
+        if not math.isnan(r["value"]):
+            params = {k: (v if isinstance(dists[k], CategoricalDistribution) else
+                          min(max(v, dists[k].low), dists[k].high)) for k, v in r["params"].items()}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["value"]))
+    written = []
+    for name, plot in (("param_importances.png", optuna.visualization.matplotlib.plot_param_importances),
+                       ("parallel_coordinate.png", optuna.visualization.matplotlib.plot_parallel_coordinate)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
+        except Exception as err:  # e.g. importances need at least two trials with different values
+            print(f"sweep: no {name}: {err}")
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(10, 5)
+        fig.tight_layout()
+        fig.savefig(sweep_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(sweep_dir / name)
+    return written

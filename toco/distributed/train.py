@@ -1,0 +1,187 @@
+"""The training loop as DDP workers under Ray Train (`ray.train.torch.TorchTrainer`): gloo on CPU, nccl on GPU.
+
+`train.batch_size` stays the global batch: rank r of `world` trains on samples r, r+world, ... of every global
+batch (`EpochBatches`) and DDP averages the gradients, so the effective batch is workers x per-worker batch.
+Rank 0 alone evaluates, logs to MLflow and writes checkpoints. At every checkpoint each rank calls
+`ray.train.report` (a barrier), rank 0 with the checkpoint. When a worker dies the group restarts from the last
+reported checkpoint (`FailureConfig(max_failures)`); the resumed MLflow run skips the steps it already holds, so
+every metric step is logged once.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from toco.config import Config, ConfigError
+from toco.engine.loop import TrainOutcome, Trainer
+
+CHECKPOINT_FILE = "last.pt"
+
+
+def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
+    """A copy of `cfg` whose paths are absolute (relative ones taken from `base`): Ray workers, Tune trials and
+    jobs run in working directories of their own."""
+    cfg = copy.deepcopy(cfg)
+    absolute = lambda p: str((Path(base) / p).resolve())  # noqa: E731 (an absolute `p` stays itself)
+    cfg.output_dir = absolute(cfg.output_dir)
+    for section, key in (("data", "root"), ("data", "list_dir"), ("model", "pretrained_file")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, absolute(value))
+    tc = cfg.tracking
+    tc.artifact_root = absolute(tc.artifact_root)
+    if tc.tracking_uri.startswith("sqlite:///"):
+        tc.tracking_uri = "sqlite:///" + absolute(tc.tracking_uri.removeprefix("sqlite:///"))
+    elif "://" not in tc.tracking_uri:  # a plain folder
+        tc.tracking_uri = absolute(tc.tracking_uri)
+    return cfg
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, attempts: int = 3) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS; inside `ray job submit` that is the job's cluster), else
+    start a local one. Returns True when this call started Ray, so the caller shuts it down again."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return True
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            return True
+        except Exception as err:  # Ray gives a new raylet 30 s to register, which a busy machine can exceed
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(err):
+                raise
+    return True
+
+
+@contextmanager
+def checkpoint_folder(path: Path):
+    """A folder holding just `path`, for `Checkpoint.from_directory`. A hard link costs nothing, and the atomic save
+    replaces `path` by a rename, so the linked name keeps the bytes that were reported."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".report-") as folder:
+        try:
+            os.link(path, Path(folder) / CHECKPOINT_FILE)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, Path(folder) / CHECKPOINT_FILE)
+        yield folder
+
+
+def report_to_ray_train(path: Path | None, metrics: dict[str, float], iteration: int) -> None:
+    """The loop's on_checkpoint hook under Ray Train: every rank reports (a barrier), rank 0 with the checkpoint."""
+    import ray.train
+
+    metrics = dict(metrics, iteration=iteration)
+    if path is None:
+        ray.train.report(metrics)
+        return
+    with checkpoint_folder(path) as folder:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class _CrashAfter:
+    """Test aid: wraps rank 0's logger and kills the worker process right after it logged `step`, once
+    (`marker` remembers), playing a worker lost between two checkpoints."""
+
+    def __init__(self, logger, step: int, marker: str):
+        self.logger, self.step, self.marker = logger, step, Path(marker)
+
+    def log_metrics(self, metrics, step):
+        self.logger.log_metrics(metrics, step)
+        if step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+
+    def __getattr__(self, name):
+        return getattr(self.logger, name)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function: the loop with DDP around the model, resumed from Ray's last checkpoint."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg: Config = config["cfg"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    def ddp(model):
+        # terms join by schedule (seg and reg after seg_start, CTC's heads only with CTC on): parameters
+        # without a gradient in a step are expected
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
+
+    logger = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from toco.tracking import MLflowLogger
+
+        logger = MLflowLogger(cfg, run_id=config["mlflow_run_id"])
+        if config.get("crash_after_step"):
+            logger = _CrashAfter(logger, config["crash_after_step"], config["crash_marker"])
+    restored = ray.train.get_checkpoint()  # set after a worker failure (or when Ray restores the run)
+    with restored.as_directory() if restored else nullcontext(None) as folder:
+        resume = Path(folder) / CHECKPOINT_FILE if folder else config.get("resume")
+        trainer = Trainer(cfg, logger, resume, rank, world, wrap_model=ddp, device=device,
+                          on_checkpoint=report_to_ray_train)
+    trainer.fit()
+
+
+def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlflow_run_id: str | None = None,
+                    resume: str | Path | None = None, max_failures: int = 2, storage_path: str | Path | None = None,
+                    name: str = "train", fresh: bool = True, callbacks: list | None = None,
+                    crash_after_step: int | None = None, crash_marker: str | None = None):
+    """Run `cfg` on `workers` Ray Train workers; returns Ray's `Result` (metrics of rank 0's last report).
+
+    Ray Train keeps its checkpoints under storage_path/name (default output_dir/ray/train) and restores a run it
+    finds there; `fresh=True` removes an old one first, as a new in-process run starts from iteration 0.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if cfg.train.batch_size % workers:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of "
+                          f"the {workers} workers")
+    cfg = absolute_paths(cfg)
+    storage = Path(storage_path or Path(cfg.output_dir) / "ray").resolve()
+    if fresh:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    loop_config = dict(cfg=cfg, resume=str(resume) if resume else None, mlflow_run_id=mlflow_run_id,
+                       crash_after_step=crash_after_step, crash_marker=crash_marker)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks or [],
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    return trainer.fit()
+
+
+def train_on_ray(cfg: Config, workers: int, gpus_per_worker: float = 0.0, address: str | None = None,
+                 resume: str | Path | None = None, mlflow_run_id: str | None = None,
+                 max_failures: int = 2) -> TrainOutcome:
+    """`toco train --workers N`: join or start a cluster, train, and answer like the in-process `Trainer.fit`."""
+    started = init_ray(address)
+    try:
+        result = fit_distributed(cfg, workers, gpus_per_worker, mlflow_run_id, resume, max_failures)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    metrics = dict(result.metrics or {})
+    val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    return TrainOutcome(int(metrics.get("iteration", 0)), val, float(metrics.get("best_miou_seg", -1.0)),
+                        Path(cfg.output_dir))

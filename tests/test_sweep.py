@@ -1,0 +1,171 @@
+"""Sweeps (Ray Tune + Optuna + ASHA, nested MLflow runs) and concurrent writers to one MLflow store."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from toco.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SWEEP = TINY + [
+    "data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",
+    "data.synth_train=16", "data.synth_val=4", "data.num_workers=0", "pseudo.par_dilations=[1, 2]",
+    "pseudo.par_iters=2", "loss.seg_start=2", "loss.reg_sigma_xy=8.0", "optim.warmup_iters=2",
+    "train.threads=1", "train.log_every=1"]
+
+
+def _write_spec(tmp_path: Path, **changes) -> Path:
+    spec = dict(name="tiny", config=str(REPO / "experiments" / "synthetic.yaml"),
+                overrides={"train.max_iters": 4, "train.eval_every": 2,
+                           "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                           "tracking.artifact_root": str(tmp_path / "mlruns" / "artifacts"),
+                           "tracking.experiment": "sweep-test"},
+                num_samples=4, max_concurrent=2, grace_period=2, reduction_factor=2, startup_trials=2,
+                space={"loss.w_ptc": {"loguniform": [0.05, 1.0]}, "pseudo.bkg_thre": {"uniform": [0.35, 0.6]}})
+    spec.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_spec_errors_name_the_key(tmp_path):
+    from toco.distributed.sweep import load_sweep
+
+    with pytest.raises(ConfigError, match="unknown keys.*'trials'"):
+        load_sweep(_write_spec(tmp_path, trials=3))
+    with pytest.raises(ConfigError, match="loss.w_nope"):
+        load_sweep(_write_spec(tmp_path, space={"loss.w_nope": {"uniform": [0.0, 1.0]}}))
+    with pytest.raises(ConfigError, match="low < high"):
+        load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [1.0, 0.5]}}))
+    with pytest.raises(ConfigError, match="outside space.loss.w_ptc"):  # the default 0.2 is the baseline trial
+        load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [0.5, 1.0]}}))
+    spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
+    cfg = spec.trial_config({"loss.w_ptc": 0.3})
+    assert cfg.loss.w_ptc == 0.3 and cfg.train.max_iters == 4 and cfg.train.ckpt_every == 2
+    assert cfg.output_dir.startswith("/") and spec.default_params() == {"loss.w_ptc": 0.2, "pseudo.bkg_thre": 0.5}
+
+
+@pytest.fixture
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    from toco.distributed.train import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_four_trial_sweep_logs_four_nested_runs_under_one_parent(ray_cluster, tmp_path, capsys):
+    import mlflow
+
+    from toco.distributed.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
+    summary = run_sweep(spec, out_dir=tmp_path / "sweep")
+    assert summary["trials_run"] == 4 and 0 <= summary["best_value"] <= 1
+    assert summary["default_value"] != "not evaluated"
+
+    client = mlflow.MlflowClient(spec.trial_config({}).tracking.tracking_uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 4
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert len({r.data.params["loss.w_ptc"] for r in trials}) == 4  # four different configurations
+    for r in trials:  # every trial reached ASHA's first rung (2 iterations): its metrics up to there are logged
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/cls")]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+        assert "val/miou_seg" in r.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/best.yaml", "sweep/trials.json", "sweep/parallel_coordinate.png"} <= artifacts
+    assert f"best/{spec.metric}" in parent.data.metrics
+
+    best = load_config(summary["best_config"])  # ready to train: the experiment's schedule, the tuned values
+    assert best.loss.w_ptc == pytest.approx(summary["best_params"]["loss.w_ptc"])
+    assert best.train.max_iters == load_config(spec.config).train.max_iters
+
+    # resuming a finished sweep changes nothing: no new trials, no new runs
+    again = run_sweep(spec, out_dir=tmp_path / "sweep", resume=True)
+    assert again["trials_run"] == 4
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(spec, out_dir=tmp_path / "sweep")
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from toco.config import load_config
+    from toco.tracking import MLflowLogger
+    tmp, name = sys.argv[1], sys.argv[2]
+    cfg = load_config("experiments/synthetic.yaml", [f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                      f"tracking.artifact_root={tmp}/artifacts", "tracking.experiment=concurrent",
+                      f"tracking.run_name={name}"])
+    logger = MLflowLogger(cfg)
+    for step in range(1, 61):
+        logger.log_metrics({f"train/m{k}": step + k for k in range(8)}, step)
+    logger.end()
+""")
+
+
+def test_concurrent_writers_to_one_fresh_sqlite_store_lose_nothing(tmp_path):
+    """Four processes open a new store at once (MLflow creates its tables on first contact, which races) and
+    write 60 steps x 8 metrics each."""
+    import mlflow
+
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"w{i}"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    for w in writers:
+        out, _ = w.communicate(timeout=600)
+        assert w.returncode == 0, out[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1", "w2", "w3"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        for k in range(8):
+            history = client.get_metric_history(r.info.run_id, f"train/m{k}")
+            assert sorted((m.step, m.value) for m in history) == [(s, s + k) for s in range(1, 61)]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    """Ctrl-C in the middle of a trial, then `toco sweep --resume`: every trial completes, under the same parent,
+    and no trial logs a step twice."""
+    import signal
+    import time
+
+    import mlflow
+
+    spec = _write_spec(tmp_path, num_samples=3, max_concurrent=1,
+                       overrides={"train.max_iters": 8, "train.eval_every": 2, "tracking.experiment": "resume-test",
+                                  "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                                  "tracking.artifact_root": str(tmp_path / "mlruns" / "artifacts")},
+                       grace_period=8)  # no early stopping: every trial runs its 8 iterations
+    toco = str(Path(sys.executable).parent / "toco")
+    command = [toco, "sweep", str(spec), "--out", str(tmp_path / "sweep"), *TINY_SWEEP]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 900
+    while not list((tmp_path / "sweep" / "trials").glob("*/last.pt")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # after the first checkpoint of the first trial
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode != 0 and "--resume" in out, out[-3000:]
+
+    resumed = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    for r in trials:
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/cls")) == list(range(1, 9))

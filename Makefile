@@ -31,10 +31,10 @@ ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 # benchmarks/baselines/<class>/ (speed.json from pytest-benchmark, accuracy.json); see docs/evaluation.md.
 MACHINE = $(shell python3 benchmarks/machine.py)
 BASELINE = benchmarks/baselines/$(MACHINE)
-BENCH_TOL ?= 25# % slower (minimum over rounds) than the baseline that fails bench-check
-# what bench-check compares: CPU time on a CPU machine class (other work on a shared machine stretches wall time,
-# not the CPU time a benchmark uses), wall time on a GPU machine
+# what bench-check compares: CPU time on a CPU machine class (other work on a shared machine stretches wall time
+# 10-50x, CPU time 10-40%), wall time on a GPU machine; and how much slower (the fastest round) fails it, in %
 BENCH_TIMER ?= $(if $(filter cpu-%,$(MACHINE)),time.process_time,time.perf_counter)
+BENCH_TOL ?= $(if $(filter cpu-%,$(MACHINE)),50,15)
 BENCH := $(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider -q
 
 bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, log every result to MLflow

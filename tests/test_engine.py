@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from toco.engine.loop import EpochBatches, NullLogger, Trainer
 from toco.engine.step import active_terms, token_box, train_step
@@ -65,6 +66,30 @@ def test_step_returns_every_active_loss_and_finite_gradients(tiny_cfg, tiny_mode
     grads = [p.grad for p in tiny_model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)  # every trainable part gets a gradient
     assert all(p.grad is None for p in tiny_model.proj_head_teacher.parameters())
+
+
+def test_a_step_with_no_cam_consumer_skips_the_multi_scale_cam(tiny_cfg, tiny_model, monkeypatch):
+    from toco.engine import step
+    from toco.engine.loop import build_loaders
+    from toco.par import PAR
+
+    batch = next(iter(build_loaders(tiny_cfg)[0]))
+    par = PAR(tiny_cfg.pseudo.par_dilations, tiny_cfg.pseudo.par_iters)
+    tiny_cfg.loss.use_ptc = tiny_cfg.loss.use_ctc = False      # the ablation baseline before seg_start
+    reference = F.multilabel_soft_margin_loss(tiny_model(batch["image"], seg=False).cls_logits, batch["cls_label"])
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        raise AssertionError("multi_scale_cam called")
+
+    monkeypatch.setattr(step, "multi_scale_cam", counted)
+    result = train_step(tiny_model, par, batch, tiny_cfg, iteration=0)
+    assert calls == [] and set(result.losses) == {"cls", "aux_cls"}
+    assert result.losses["cls"] == pytest.approx(float(reference), rel=1e-6)
+    with pytest.raises(AssertionError):  # once seg joins, the CAMs are computed again
+        train_step(tiny_model, par, batch, tiny_cfg, iteration=tiny_cfg.loss.seg_start)
+    assert len(calls) == 1
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tiny_cfg, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import typing
@@ -43,7 +44,8 @@ class SweepSpec:
     max_concurrent: int = 1                # trials at once
     workers: int = 1                       # Ray Train DDP workers per trial; 1 = the trial trains in its own process
     gpus_per_worker: float = 0.0
-    cpus_per_trial: float = 1.0            # Ray resources of an in-process trial
+    cpus_per_trial: float | None = None    # the trial actor's CPUs; default 1 when it trains, 0.1 when it only
+                                           # drives a TorchTrainer (whose workers take 1 CPU each)
     grace_period: int = 100                # ASHA: iterations every trial gets before it can be stopped
     reduction_factor: float = 3.0          # ASHA: keep the best 1/rf at each rung
     startup_trials: int = 4                # TPE: random trials before it starts modelling
@@ -242,15 +244,17 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
     (sweep_dir / "sweep.json").write_text(json.dumps(asdict(spec), indent=1))
 
     base = spec.trial_config({})
-    started = init_ray(address)
+    trial_cpus = spec.cpus_per_trial if spec.cpus_per_trial is not None else 1.0 if spec.workers == 1 else 0.1
+    # a local cluster gets enough logical CPUs for max_concurrent trials, even when that oversubscribes the machine
+    needed = math.ceil(spec.max_concurrent * (trial_cpus + (spec.workers if spec.workers > 1 else 0)))
+    started = init_ray(address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=spec.workers > 1)
     parent = None
     start = time.perf_counter()
     try:
         parent = _parent_run(base, spec, sweep_dir) if base.tracking.enabled else None
         trainable = tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
                                          parent_run_id=parent.run_id if parent else None)
-        # a multi-worker trial only drives its TorchTrainer, whose workers hold the CPUs
-        trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial if spec.workers == 1 else 0})
+        trainable = tune.with_resources(trainable, {"cpu": trial_cpus})
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:

@@ -41,9 +41,13 @@ def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
     return cfg
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, attempts: int = 3) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
+             attempts: int = 3) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS; inside `ray job submit` that is the job's cluster), else
-    start a local one. Returns True when this call started Ray, so the caller shuts it down again."""
+    start a local one. Returns True when this call started Ray, so the caller shuts it down again.
+
+    `dashboard`: a local cluster without it has no State API, and Ray Train's PlacementGroupCleaner then cannot
+    free the workers' resources of a run whose driver was killed (a Tune trial that ASHA stopped)."""
     import ray
 
     if ray.is_initialized():
@@ -54,7 +58,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, attempts: 
         return True
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard)
             return True
         except Exception as err:  # Ray gives a new raylet 30 s to register, which a busy machine can exceed
             ray.shutdown()

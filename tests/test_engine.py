@@ -125,7 +125,7 @@ def test_cli_training_logs_everything_to_mlflow(tiny_cfg, tmp_path):
     client = mlflow.MlflowClient(tiny_cfg.tracking.tracking_uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["loss.w_ptc"] == "0.2" and run.data.params["data.name"] == "synthetic"
+    assert run.data.params["loss.w_ptc"] == str(tiny_cfg.loss.w_ptc) and run.data.params["data.name"] == "synthetic"
     assert {"git_commit", "dataset", "backbone"} <= set(run.data.tags)
     for key in ("train/cls", "train/ptc", "train/ctc", "train/seg", "train/reg", "lr/encoder", "train/iters_per_s",
                 "val/miou_seg", "val/miou_cam", "val/miou_aux_cam", "val/cls_f1"):

@@ -41,12 +41,14 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         load_sweep(_write_spec(tmp_path, space={"loss.w_nope": {"uniform": [0.0, 1.0]}}))
     with pytest.raises(ConfigError, match="low < high"):
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [1.0, 0.5]}}))
-    with pytest.raises(ConfigError, match="outside space.loss.w_ptc"):  # the default 0.2 is the baseline trial
+    with pytest.raises(ConfigError, match="outside space.loss.w_ptc"):  # the experiment's value is the baseline trial
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [0.5, 1.0]}}))
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     cfg = spec.trial_config({"loss.w_ptc": 0.3})
     assert cfg.loss.w_ptc == 0.3 and cfg.train.max_iters == 4 and cfg.train.ckpt_every == 2
-    assert cfg.output_dir.startswith("/") and spec.default_params() == {"loss.w_ptc": 0.2, "pseudo.bkg_thre": 0.5}
+    experiment = load_config(REPO / "experiments" / "synthetic.yaml")  # trial 1 replays the experiment's values
+    assert cfg.output_dir.startswith("/") and spec.default_params() == {
+        "loss.w_ptc": experiment.loss.w_ptc, "pseudo.bkg_thre": experiment.pseudo.bkg_thre}
 
 
 @pytest.fixture

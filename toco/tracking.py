@@ -43,6 +43,11 @@ def _first_use_lock(tracking_uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def param_value(value) -> str:
+    """An MLflow param: lists and mappings as JSON (readable back), everything else as its str."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
 def retry_locked(call, attempts: int = 6):
     """Run `call`, again after a pause when sqlite says 'database is locked': concurrent writers wait up to 20 s
     for the lock, which a loaded machine can exceed. A failed write was rolled back, so repeating it is safe."""
@@ -99,8 +104,7 @@ def log_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: st
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()
                      if v is not None and np.isfinite(v)],
-            params=[Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))
-                    for k, v in (params or {}).items()]))
+            params=[Param(k, param_value(v)) for k, v in (params or {}).items()]))
         for path in artifacts or []:
             if Path(path).exists():
                 client.log_artifact(run_id, str(path))
@@ -125,13 +129,12 @@ class MLflowLogger:
         # a resumed run skips the (metric, step) pairs it already holds: the steps a killed process logged after
         # its last checkpoint are repeated after the resume, and each must appear once
         self.logged_steps: dict[str, set[int]] = {}
-        if run_id is not None:
+        if run_id is not None:  # a resumed run keeps its params
             client = mlflow.MlflowClient()
             for key in client.get_run(run_id).data.metrics:
                 self.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
-        if run_id is None:  # a resumed run keeps its params
-            params = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in flatten(cfg).items()}
-            mlflow.log_params(params)
+        else:
+            mlflow.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
             mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.data.name,
                              "backbone": cfg.model.backbone, **(tags or {})})
             with tempfile.TemporaryDirectory() as tmp:

@@ -56,7 +56,7 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
 
     # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1); only PTC, CTC and seg read them, so
     # a step with none of them active (COCO's first stage, the ablation baseline's warm-up) skips the cost
-    if active["ptc"] or active["ctc"] or active["seg"]:
+    if any(active.values()):
         cam, aux_cam = multi_scale_cam(net, images, pc.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
 
     # 2. one forward with gradient: main input, and for CTC the second global view and the local crops

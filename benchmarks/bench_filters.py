@@ -2,8 +2,10 @@
 
 - the DenseCRF-loss filter at the training setting: batch 4, 21 channels, 224x224 (448 at scale 0.5),
   sigma_xy 50, sigma_rgb 15; and at full resolution 448x448 (sigma_xy 100); per backend (cpu, cuda if present);
+- the regularised DenseCRF loss, forward and backward, as training runs it: batch 4, 21 classes, 448x448 crops at
+  scale 0.5 (the training setting) and at full scale; per backend;
 - the exact O(N^2) filter against the lattice on 64x64 images (the exact one is far too slow at 224);
-- CRF inference on a 500x375 image with 21 labels, 10 iterations: ours against pydensecrf.
+- CRF inference on a 500x375 image with 21 labels, 10 iterations: ours (cpu, cuda) against pydensecrf.
 
 Each filter call builds the lattice and filters (what the loss does every step).
 Run with the others (`make bench`) or alone: `pytest benchmarks/bench_filters.py -p no:cacheprovider`.
@@ -14,6 +16,7 @@ import torch
 
 from toco import crf, kernels
 from toco.filters import bilateral_filter
+from toco.losses import dense_crf_loss
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -44,8 +47,8 @@ def gpu_sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="no CUDA device"))]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+BACKENDS = ["cpu", pytest.param("cuda", marks=needs_gpu)]
 
 
 def _native(backend: str):
@@ -69,7 +72,32 @@ def test_bilateral_filter(benchmark, backend, size, sigma_xy):
 
     run()  # warm-up: builds the extension, allocator
     out = benchmark.pedantic(run, rounds=10, iterations=1)
+    benchmark.extra_info.update(backend=backend, device=device, shape=f"4x21x{size}x{size}")
     assert out.shape == probs.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.5, 1.0], ids=["448-at-0.5-training", "448-full"])
+def test_dense_crf_loss(benchmark, backend, scale):
+    """Forward and backward of the loss on a 448-px batch, with a pseudo label that ignores the unsure pixels."""
+    _native(backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    image, probs = photo_batch(448).to(device), probability_maps(4, 21, (448, 448)).to(device)
+    label = probs.argmax(dim=1).masked_fill(probs.max(dim=1).values < 0.5, 255)
+    roi = torch.ones(4, 448, 448, device=device)
+    probs.requires_grad_(True)
+
+    def run():
+        probs.grad = None
+        loss = dense_crf_loss(image, probs, roi, label, sigma_xy=100.0, scale_factor=scale, backend=backend)
+        loss.backward()
+        gpu_sync()
+        return loss
+
+    run()
+    loss = benchmark.pedantic(run, rounds=10, iterations=1)
+    benchmark.extra_info.update(backend=backend, device=device, shape="4x21x448x448", scale=str(scale))
+    assert torch.isfinite(loss) and torch.isfinite(probs.grad).all()
 
 
 @pytest.mark.parametrize("backend", ["exact", "cpu"])
@@ -87,15 +115,22 @@ def crf_case():
     return photo("astronaut", (375, 500)), probability_maps(1, 21, (375, 500))[0].numpy()
 
 
-@pytest.mark.parametrize("impl", ["pydensecrf", "toco-cpu", "toco-cpu-lattice-spatial"])
+@pytest.mark.parametrize("impl", ["pydensecrf", "toco-cpu", "toco-cpu-lattice-spatial",
+                                  pytest.param("toco-cuda", marks=needs_gpu)])
 def test_crf_inference(benchmark, crf_case, impl):
+    """One image, numpy in and labels out: on the GPU the timing includes the copies both ways."""
     pytest.importorskip("pydensecrf.densecrf")
     image, probs = crf_case
     if impl == "pydensecrf":
         fn = lambda: crf.pydensecrf_crf(image, probs)
+    elif impl == "toco-cuda":
+        _native("cuda")
+        fn = lambda: crf.dense_crf(torch.from_numpy(image).cuda(), torch.from_numpy(probs).cuda(),
+                                   backend="cuda").cpu().numpy()
     else:
         _native("cpu")
         fn = lambda: crf.dense_crf(image, probs, backend="cpu", exact_spatial=impl == "toco-cpu")
-    labels = benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    labels = benchmark.pedantic(fn, rounds=20 if impl == "toco-cuda" else 5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(backend=impl, device="cuda" if impl == "toco-cuda" else "cpu", shape="21x375x500")
     assert labels.shape == (375, 500)
     assert np.mean(labels == crf.pydensecrf_crf(image, probs)) >= 0.99

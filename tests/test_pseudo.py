@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -211,6 +212,26 @@ def test_crop_from_roi_places_and_flags():
     _, flags_legacy = crop_from_roi(image, roi, 4, num_crops=5, legacy_bugs=True,
                                     generator=torch.Generator().manual_seed(0))
     assert (flags_legacy == 1).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_crop_from_roi_on_the_gpu_with_a_gpu_generator():
+    """The trainer seeds a generator on its device: crops of CUDA tensors draw from it, as on the CPU."""
+    roi = torch.full((2, 16, 16), 2, dtype=torch.long)
+    roi[:, 4, 4] = 0
+    roi[:, 10:12, 10:12] = 1
+    image = _coord_image(2, 16, 16)
+    draws = [crop_from_roi(image.cuda(), roi.cuda(), crop_size=4, num_crops=5,
+                           generator=torch.Generator("cuda").manual_seed(0)) for _ in range(2)]
+    (crops, flags), (again, _) = draws
+    assert flags.is_cuda and all(c.is_cuda for c in crops)
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    _, cpu_flags = crop_from_roi(image, roi, crop_size=4, num_crops=5, generator=torch.Generator().manual_seed(0))
+    for n in range(2):
+        centres = _check_crop_places([c.cpu() for c in crops], n, 4)
+        assert sorted(centres) == [(4, 4), (10, 10), (10, 11), (11, 10), (11, 11)]
+        assert sorted(flags[n].tolist()) == sorted(cpu_flags[n].tolist())
 
 
 def test_crop_ratio_edge_is_negative():

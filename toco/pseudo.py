@@ -182,7 +182,9 @@ def _crop_corners(roi: torch.Tensor, crop_size: int, num_crops: int, generator) 
         cand = (window[i] <= 1).nonzero()  # (n,2) in window coordinates = crop corners
         if cand.shape[0] < num_crops:
             cand = torch.ones_like(window[i], dtype=torch.bool).nonzero()  # the whole window
-        perm = torch.randperm(cand.shape[0], generator=generator)
+        # drawn where the generator lives: the trainer's generator is on the training device
+        perm = torch.randperm(cand.shape[0], generator=generator,
+                              device=generator.device if generator is not None else "cpu")
         idx = perm[torch.arange(num_crops) % perm.numel()].to(cand.device)
         corners.append(cand[idx])
     return torch.stack(corners)  # (B,num_crops,2)

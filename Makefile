@@ -5,7 +5,7 @@ STAMP := .venv/.installed
 # CUDA kernels compile with the toolkit here even without a GPU (torch needs CUDA_HOME set explicitly)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: demo test ui ablation venv synth clean bench bench-check bench-baseline sweep submit
+.PHONY: demo test ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
 	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml
+
+# the synthetic default's backbone (experiments/pretext/synthetic.yaml): trains the pretext stage, then writes the
+# encoder the default loads; commit the file to change what `make demo` starts from
+PRETRAINED = experiments/pretrained/synthetic_tiny.pt
+pretext: $(STAMP)  ## classification pre-training on separately generated images -> $(PRETRAINED)
+	$(TOCO) train experiments/pretext/synthetic.yaml $(ARGS)
+	$(TOCO) export-encoder runs/pretext/synthetic/last.pt $(PRETRAINED)
 
 ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000

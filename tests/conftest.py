@@ -6,7 +6,8 @@ from toco.models import build_model
 
 TINY = ["model.backbone_kwargs={patch_size: 8, img_size: 32, embed_dim: 32, depth: 4, num_heads: 2}",
         "model.decoder_channels=16", "model.proj_hidden=32", "model.proj_bottleneck=16", "model.proj_out=24",
-        "model.pooling=gmp", "model.conv_stem=[]"]
+        "model.pooling=gmp", "model.conv_stem=[]", "model.pretrained=false", "model.attention_window=0",
+        "pseudo.cam_scales=[1.0, 0.5, 1.5]"]  # the paper's network and CAM scales, from random weights
 
 
 @pytest.fixture

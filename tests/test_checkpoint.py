@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toco.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from toco.engine.checkpoint import check_compatible, export_encoder, load_checkpoint, save_checkpoint
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -44,3 +44,31 @@ def test_other_class_count_or_backbone_is_a_readable_error(tiny_cfg, tiny_model)
     with pytest.raises(ValueError, match="backbone"):
         check_compatible(tiny_model, wider, "x.pt")
     check_compatible(tiny_model, tiny_model.state_dict(), "x.pt")
+
+
+def test_exported_encoder_is_another_runs_pretrained_backbone(tiny_cfg, tmp_path):
+    """A conv-stem encoder survives checkpoint -> export -> model.pretrained_file; the heads start fresh."""
+    from toco.models import build_model
+
+    tiny_cfg.model.conv_stem = (8, 16)
+    tiny_cfg.model.backbone_kwargs = dict(tiny_cfg.model.backbone_kwargs, patch_size=1)
+    torch.manual_seed(0)
+    trained = build_model(tiny_cfg.model, 5)
+    save_checkpoint(tmp_path / "last.pt", dict(model=trained.state_dict(), iteration=3))
+    assert export_encoder(tmp_path / "last.pt", tmp_path / "enc.pt") == len(trained.encoder.state_dict())
+
+    tiny_cfg.model.pretrained, tiny_cfg.model.pretrained_file = True, str(tmp_path / "enc.pt")
+    torch.manual_seed(1)
+    loaded = build_model(tiny_cfg.model, 5)
+    for (name, theirs), ours in zip(trained.encoder.state_dict().items(), loaded.encoder.state_dict().values()):
+        assert torch.equal(theirs, ours), name
+    assert not torch.equal(trained.classifier.weight, loaded.classifier.weight)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(trained.eval().encode(x).tokens, loaded.eval().encode(x).tokens)
+
+
+def test_export_of_a_file_that_is_no_training_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "weights.pt", {"blocks.0.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="weights.pt has no 'model' entry"):
+        export_encoder(tmp_path / "weights.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()

@@ -135,3 +135,56 @@ def test_gap_pooling_makes_the_score_the_mean_of_the_cam(tiny_cfg):
     tiny_cfg.model.pooling = "avg"
     with pytest.raises(ValueError, match="model.pooling"):
         build_model(tiny_cfg.model, 5)
+
+
+def test_windowed_attention_keeps_patch_features_local(tiny_cfg):
+    """With attention_window k, a change in one patch reaches only patches within depth * k tokens (aux block:
+    (aux + 1) * k), while the class token still reads the whole image; window 0 is timm's global attention."""
+    from toco.models import build_model
+
+    tiny_cfg.model.backbone_kwargs = dict(tiny_cfg.model.backbone_kwargs, img_size=64, depth=3)
+    tiny_cfg.model.attention_window = 1
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg.model, 5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    moved = x.clone()
+    moved[..., :8, :8] += 3.0  # the top-left patch of the 8x8 grid
+    with torch.no_grad():
+        before, after = model.encode(x), model.encode(moved)
+    reach = lambda a, b: (a != b).any(dim=1)[0]  # noqa: E731  (h, w) bool: which patches changed at all
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    distance = torch.maximum(yy, xx)
+    assert torch.equal(reach(before.tokens, after.tokens), distance <= 3)          # 3 blocks x window 1
+    assert torch.equal(reach(before.aux_tokens, after.aux_tokens), distance <= 1)  # aux = block 0 of 3
+    assert not torch.allclose(before.cls_token, after.cls_token)
+
+    mask = model.attention_mask(8, 8, torch.device("cpu"))
+    assert mask.shape == (65, 65) and mask[0].all() and not mask[1:, 0].any()
+    neighbours = [int(((yy - i).abs().maximum((xx - j).abs()) <= 1).sum()) for i in range(8) for j in range(8)]
+    assert mask[1:, 1:].sum(dim=1).tolist() == neighbours  # 4 in a corner, 6 on an edge, 9 inside
+
+    model.attention_window = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x).cls_token, model.encoder.forward_features(x)[:, 0], rtol=0, atol=1e-5)
+    tiny_cfg.model.attention_window = -1
+    with pytest.raises(ValueError, match="model.attention_window"):
+        build_model(tiny_cfg.model, 5)
+
+
+def test_the_synthetic_default_starts_from_its_shipped_pretext_encoder():
+    """experiments/synthetic.yaml names a weights file in the repository (`make pretext`) that fits its model."""
+    from pathlib import Path
+
+    from toco.config import load_config
+    from toco.models import build_model
+
+    cfg = load_config("experiments/synthetic.yaml")
+    assert cfg.model.pretrained and Path(cfg.model.pretrained_file).is_file()
+    own = build_model(cfg.model, cfg.data.num_classes).encoder.state_dict()
+    shipped = torch.load(cfg.model.pretrained_file, weights_only=True)
+    assert shipped.keys() == own.keys()
+    for name, tensor in shipped.items():
+        assert torch.equal(own[name], tensor), name
+    pretext = load_config("experiments/pretext/synthetic.yaml").model  # the stage that made the file
+    assert (pretext.backbone, pretext.backbone_kwargs, pretext.conv_stem, pretext.attention_window) == \
+        (cfg.model.backbone, cfg.model.backbone_kwargs, cfg.model.conv_stem, cfg.model.attention_window)

@@ -190,6 +190,16 @@ def _class_names(cfg) -> tuple[str, ...]:
     return tuple(f"class_{i}" for i in range(n))
 
 
+def cmd_export_encoder(args) -> None:
+    from toco.engine.checkpoint import export_encoder
+
+    try:
+        n = export_encoder(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"export-encoder: {err}")
+    print(f"wrote {n} encoder tensors of {args.checkpoint} to {args.out} (use it as model.pretrained_file)")
+
+
 def cmd_data_synth(args) -> None:
     from toco.data.synthetic import write_synthetic
 
@@ -263,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="downscale images whose long side exceeds this (default: the config's data.val_size; "
                         "0 = never)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export-encoder", help="save a checkpoint's encoder as a model.pretrained_file for other runs")
+    p.add_argument("checkpoint", help="a training checkpoint, e.g. runs/pretext/synthetic/last.pt")
+    p.add_argument("out", help="weights file to write")
+    p.set_defaults(func=cmd_export_encoder)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the synthetic benchmark in the VOC layout")

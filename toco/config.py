@@ -48,6 +48,7 @@ class ModelConfig:
     pretrained_file: str | None = None   # local weights; None + pretrained = timm hub (needs network)
     conv_stem: tuple[int, ...] = ()     # channels of a stride-2 conv stem before the ViT (tiny CPU model)
     pooling: str = "gmp"                 # gmp (the paper) | gap: image score from max or mean pooled tokens
+    attention_window: int = 0            # 0: global attention (the paper); k: patches attend within k tokens
     aux_layer: int = -3                  # block whose tokens feed the auxiliary classifier (10th of 12)
     decoder_channels: int = 512
     decoder_dilation: int = 5

@@ -52,3 +52,17 @@ def check_compatible(model: torch.nn.Module, state_dict: dict, path: str | Path)
         lines.append(f"  {len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                      f"(e.g. {unexpected[:2]}): a different backbone?")
     raise ValueError("\n".join(lines))
+
+
+def export_encoder(checkpoint: str | Path, out: str | Path) -> int:
+    """Write the encoder of a training checkpoint as a plain state dict, loadable as another run's
+    `model.pretrained_file` (timm reads it with weights_only). Returns the number of tensors written."""
+    state = load_checkpoint(checkpoint)
+    model = state.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"checkpoint {checkpoint} has no 'model' entry: not a toco training checkpoint")
+    encoder = {k.removeprefix("encoder."): v for k, v in model.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"checkpoint {checkpoint} has no encoder.* tensors")
+    save_checkpoint(out, encoder)
+    return len(encoder)

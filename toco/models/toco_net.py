@@ -60,8 +60,13 @@ def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None,
 class ToCoNet(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, aux_layer: int = -3, decoder_channels: int = 512,
                  decoder_dilation: int = 5, proj_hidden: int = 2048, proj_bottleneck: int = 256,
-                 proj_out: int = 1024, freeze_pos_embed: bool = True, pooling: str = "gmp"):
+                 proj_out: int = 1024, freeze_pos_embed: bool = True, pooling: str = "gmp",
+                 attention_window: int = 0):
         super().__init__()
+        if attention_window < 0:
+            raise ValueError(f"model.attention_window must be >= 0 (0 = global attention), got {attention_window}")
+        self.attention_window = attention_window
+        self._masks: dict[tuple, torch.Tensor] = {}
         if pooling not in ("gmp", "gap"):
             raise ValueError(f"model.pooling must be 'gmp' or 'gap', got {pooling!r}")
         self.pooling = pooling
@@ -81,11 +86,30 @@ class ToCoNet(nn.Module):
         self.proj_head = CTCHead(dim, proj_hidden, proj_bottleneck, proj_out)
         self.proj_head_teacher = copy.deepcopy(self.proj_head).requires_grad_(False)
 
+    def attention_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """(P+hw, P+hw) bool, True where a query token (row) may read a key token, for `attention_window` k > 0:
+        a patch reads the patches at most k tokens away (Chebyshev) and not the P prefix tokens, so every patch
+        feature stays local however deep the encoder; the prefix tokens read everything. None: global attention."""
+        if not self.attention_window:
+            return None
+        key = (h, w, str(device))
+        if key not in self._masks:
+            prefix = self.encoder.num_prefix_tokens
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            yy, xx = yy.flatten(), xx.flatten()
+            near = torch.maximum((yy[:, None] - yy[None]).abs(), (xx[:, None] - xx[None]).abs()) <= self.attention_window
+            mask = torch.ones(prefix + h * w, prefix + h * w, dtype=torch.bool)
+            mask[prefix:, :prefix] = False
+            mask[prefix:, prefix:] = near
+            self._masks[key] = mask.to(device)
+        return self._masks[key]
+
     def encode(self, x: torch.Tensor) -> Encoded:
-        final, (aux,) = self.encoder.forward_intermediates(
-            x, indices=[self.aux_index], norm=False, output_fmt="NCHW", return_prefix_tokens=False)
-        b, n, d = final.shape
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        final, (aux,) = self.encoder.forward_intermediates(
+            x, indices=[self.aux_index], norm=False, output_fmt="NCHW", return_prefix_tokens=False,
+            attn_mask=self.attention_mask(h, w, x.device))
+        b, n, d = final.shape
         prefix = self.encoder.num_prefix_tokens
         tokens = final[:, prefix:].transpose(1, 2).reshape(b, d, h, w)
         return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
@@ -148,4 +172,4 @@ def build_model(model_cfg, num_classes: int) -> ToCoNet:
                              model_cfg.conv_stem, **model_cfg.backbone_kwargs)
     return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
                    model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
-                   model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling)
+                   model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling, model_cfg.attention_window)

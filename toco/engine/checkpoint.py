@@ -58,7 +58,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> int:
     """Write the encoder of a training checkpoint as a plain state dict, loadable as another run's
     `model.pretrained_file` (timm reads it with weights_only). Returns the number of tensors written."""
     state = load_checkpoint(checkpoint)
-    model = state.get("model")
+    model = state.get("model") if isinstance(state, dict) else None  # a bare tensor or list is no checkpoint either
     if not isinstance(model, dict):
         raise ValueError(f"checkpoint {checkpoint} has no 'model' entry: not a toco training checkpoint")
     encoder = {k.removeprefix("encoder."): v for k, v in model.items() if k.startswith("encoder.")}

@@ -89,7 +89,7 @@ def test_dense_crf_loss(benchmark, backend, scale):
 
     def run():
         probs.grad = None
-        loss = dense_crf_loss(image, probs, roi, label, sigma_xy=100.0, scale_factor=scale, backend=backend)
+        loss = dense_crf_loss(image, probs, roi, label, sigma_xy=100.0, downscale=scale, backend=backend)
         loss.backward()
         gpu_sync()
         return loss

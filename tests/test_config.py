@@ -1,6 +1,9 @@
 import pytest
 
-from toco.config import Config, ConfigError, flatten, load_config, save_config
+import os
+from pathlib import Path
+
+from toco.config import Config, ConfigError, absolute_input_paths, flatten, load_config, save_config
 
 
 def test_defaults_are_the_papers_voc_values():
@@ -39,6 +42,12 @@ def test_overrides_are_typed_yaml_scalars():
     ("data=3", "data"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("nonsense", "key=value"),
+    ("model.pooling=max", "model.pooling': 'max' is not one of"),
+    ("data.name=cityscapes", "data.name"),
+    ("loss.reg_backend=gpu", "loss.reg_backend"),
+    ("train.device=tpu", "train.device"),
+    ("loss.reg_scale=0.5", "it is now 'loss.reg_downscale'"),
+    ("optim.lr=[1", "not a YAML scalar"),
 ])
 def test_bad_keys_and_types_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -61,6 +70,42 @@ def test_save_load_round_trip_and_flatten(tmp_path):
     cfg = load_config("experiments/synthetic.yaml", ["loss.w_ctc=0.25"])
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
-    assert again == cfg
+    assert again == absolute_input_paths(cfg)  # the saved file reads the same weights from any folder
+    assert Path(again.model.pretrained_file).is_absolute() and Path(again.model.pretrained_file).is_file()
     flat = flatten(cfg)
     assert flat["loss.w_ctc"] == 0.25 and flat["model.backbone_kwargs"]["embed_dim"] == 128
+
+
+def test_overrides_as_a_mapping_are_checked_like_strings():
+    cfg = load_config("experiments/synthetic.yaml", {"loss.w_ptc": 0.3, "pseudo": {"cam_scales": [1, 2]}})
+    assert cfg.loss.w_ptc == 0.3 and cfg.pseudo.cam_scales == (1.0, 2.0)
+    with pytest.raises(ConfigError, match="loss.w_ptc"):
+        load_config("experiments/synthetic.yaml", {"loss.w_ptc": "high"})
+
+
+def test_input_paths_are_relative_to_the_file_that_sets_them(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "sub").mkdir(parents=True)
+    (tmp_path / "cfg" / "base.yaml").write_text("data:\n  root: ../data/VOC\noutput_dir: runs/x\n")
+    (tmp_path / "cfg" / "sub" / "run.yaml").write_text("base: ../base.yaml\nmodel:\n  pretrained_file: w.pt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(tmp_path / "cfg" / "sub" / "run.yaml", ["data.list_dir=lists"])
+    assert cfg.data.root == os.path.normpath(tmp_path / "data" / "VOC")           # against base.yaml's folder
+    assert cfg.model.pretrained_file == str(tmp_path / "cfg" / "sub" / "w.pt")     # against run.yaml's folder
+    assert cfg.data.list_dir == "lists"                                            # command line: the cwd
+    assert cfg.output_dir == "runs/x"                                              # outputs: the cwd
+
+
+def test_a_shipped_config_loads_the_same_from_any_folder(tmp_path, monkeypatch):
+    here = load_config(Path("experiments/synthetic.yaml").resolve())
+    monkeypatch.chdir(tmp_path)
+    there = load_config(Path(__file__).resolve().parent.parent / "experiments" / "synthetic.yaml")
+    assert Path(there.model.pretrained_file).is_file() and there == here
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  w_ptc: [0.3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml line \d+: not valid YAML"):
+        load_config(bad)

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from toco import kernels
+from toco.filters import LATTICE_GAIN, Lattice, lattice_features
 from toco.losses import DenseCRFEnergy, cls_loss, ctc_loss, dense_crf_loss, ptc_loss, seg_loss
 
 
@@ -195,9 +197,10 @@ def _crf_reference(image, probs, roi, label, sigma_xy, sigma_rgb, scale):
 def test_dense_crf_loss_matches_dense_matrix_and_original_gradient():
     image, probs, roi, label = _crf_case(0)
     probs.requires_grad_(True)
-    loss = dense_crf_loss(image, probs, roi, label, sigma_rgb=15.0, sigma_xy=2.0, scale_factor=1.0,
-                          weight=1.0, filter_scale=1.0)
-    energy, grad = _crf_reference(image, probs.detach(), roi, label, 2.0, 15.0, 1.0)
+    loss = dense_crf_loss(image, probs, roi, label, sigma_rgb=15.0, sigma_xy=2.0, downscale=1.0,
+                          energy_scale=1.0, backend="exact")
+    # the exact filter is brought to the original lattice's scale: its sum / LATTICE_GAIN
+    energy, grad = _crf_reference(image, probs.detach(), roi, label, 2.0, 15.0, 1.0 / LATTICE_GAIN)
     assert loss.item() == pytest.approx(energy, rel=1e-10)
     loss.backward()
     torch.testing.assert_close(probs.grad, grad, rtol=1e-10, atol=1e-12)
@@ -206,11 +209,26 @@ def test_dense_crf_loss_matches_dense_matrix_and_original_gradient():
 def test_dense_crf_loss_downscales_like_the_original():
     # 12x12 at scale 0.5 -> 6x6: image/roi/label nearest (= [::2, ::2]), probs bilinear (= 2x2 average)
     image, probs, roi, label = _crf_case(1, h=12, w=12)
-    loss = dense_crf_loss(image, probs, roi, label, sigma_rgb=15.0, sigma_xy=4.0, scale_factor=0.5,
-                          weight=1e-7, filter_scale=0.55)
+    loss = dense_crf_loss(image, probs, roi, label, sigma_rgb=15.0, sigma_xy=4.0, downscale=0.5,
+                          energy_scale=1e-7, backend="exact")
     energy, _ = _crf_reference(image[..., ::2, ::2], F.avg_pool2d(probs, 2), roi[..., ::2, ::2],
-                               label[..., ::2, ::2], 4.0 * 0.5, 15.0, 1e-7 * 0.55)
+                               label[..., ::2, ::2], 4.0 * 0.5, 15.0, 1e-7 / LATTICE_GAIN)
     assert loss.item() == pytest.approx(energy, rel=1e-9)
+
+
+def test_dense_crf_loss_on_the_lattice_is_the_originals_raw_lattice_energy():
+    # the original's energy uses its permutohedral filter's raw sum; the lattice backends give exactly that
+    if kernels.cpu_kernels() is None:
+        pytest.skip("the CPU lattice kernel does not build here")
+    image, probs, roi, label = _crf_case(3, h=16, w=16)
+    probs = probs.float()
+    loss = dense_crf_loss(image.float(), probs, roi.float(), label, sigma_rgb=15.0, sigma_xy=8.0, downscale=1.0,
+                          energy_scale=1e-7, backend="cpu")
+    gate = (roi - probs.max(dim=1).values).masked_fill(label == 255, 1.0).clamp_min(0)  # (B,H,W)
+    p = probs * roi[:, None]
+    raw = Lattice(lattice_features(image.float(), 8.0, 15.0), "cpu").filter(p.flatten(2), "symmetric")  # W P~
+    energy = -(p.flatten(2) * gate.flatten(1)[:, None] * raw).sum() / probs.shape[0] * 1e-7
+    assert loss.item() == pytest.approx(energy.item(), rel=1e-5)
 
 
 def test_dense_crf_gradient_is_exact_when_gate_is_constant():
@@ -222,7 +240,7 @@ def test_dense_crf_gradient_is_exact_when_gate_is_constant():
 
     def energy(z):  # softmax + bilinear downscale in front, as in training
         return dense_crf_loss(image, torch.softmax(z, dim=1), roi, label, sigma_rgb=20.0, sigma_xy=3.0,
-                              scale_factor=0.5, weight=1.0, filter_scale=1.0)
+                              downscale=0.5, energy_scale=1.0)
 
     assert torch.autograd.gradcheck(energy, (logits,), eps=1e-6, atol=1e-7)
     # and directly on the Function at working resolution

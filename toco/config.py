@@ -10,8 +10,9 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -20,11 +21,21 @@ class ConfigError(ValueError):
     pass
 
 
+def input_path(default: str | None = None):
+    """A path the run reads (data, weights): relative to the folder of the config file that sets it, as `base:` is;
+    relative to the working directory when set on the command line."""
+    return field(default=default, metadata={"input_path": True})
+
+
+# keys renamed since earlier versions: a config that still uses the old name is told the new one
+RENAMED = {"loss.reg_scale": "loss.reg_downscale", "loss.reg_weight": "loss.reg_energy_scale"}
+
+
 @dataclass
 class DataConfig:
-    name: str = "voc"                    # synthetic | voc | coco
-    root: str | None = None              # dataset root; synthetic with None = generated in memory
-    list_dir: str | None = None          # split lists (default: the dataset's own folder)
+    name: Literal["synthetic", "voc", "coco"] = "voc"
+    root: str | None = input_path()      # dataset root; synthetic with None = generated in memory
+    list_dir: str | None = input_path()  # split lists (default: the dataset's own folder)
     train_split: str = "train_aug"
     val_split: str = "val"
     num_classes: int = 21                # including background
@@ -45,9 +56,9 @@ class ModelConfig:
     backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k"  # any timm ViT / DeiT name
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. embed_dim/depth for the tiny CPU model
     pretrained: bool = True
-    pretrained_file: str | None = None   # local weights; None + pretrained = timm hub (needs network)
+    pretrained_file: str | None = input_path()  # local weights; None + pretrained = timm hub (needs network)
     conv_stem: tuple[int, ...] = ()     # channels of a stride-2 conv stem before the ViT (tiny CPU model)
-    pooling: str = "gmp"                 # gmp (the paper) | gap: image score from max or mean pooled tokens
+    pooling: Literal["gmp", "gap"] = "gmp"  # image score from max (the paper) or mean pooled tokens
     attention_window: int = 0            # 0: global attention (the paper); k: patches attend within k tokens
     aux_layer: int = -3                  # block whose tokens feed the auxiliary classifier (10th of 12)
     decoder_channels: int = 512
@@ -71,11 +82,11 @@ class LossConfig:
     seg_start: int = 2000                # seg + reg join after this iteration (VOC)
     ptc_ctc_start: int = 0               # COCO: 12000
     cam_source_until: int = 0            # COCO: seg labels from aux-CAM before this iteration (8000->12000)
-    reg_sigma_rgb: float = 15.0
+    reg_sigma_rgb: float = 15.0          # DenseCRF loss: colour and position kernel widths (0-255 RGB, pixels)
     reg_sigma_xy: float = 100.0
-    reg_scale: float = 0.5
-    reg_weight: float = 1e-7
-    reg_backend: str = "auto"            # bilateral filter backend (toco.filters): native lattice, else exact
+    reg_downscale: float = 0.5           # image and probabilities are resized by this before the filter
+    reg_energy_scale: float = 1e-7       # the original's factor inside the loss layer (w_reg weights it outside)
+    reg_backend: Literal["auto", "cpu", "cuda", "exact"] = "auto"  # bilateral filter (toco.filters)
 
 
 @dataclass
@@ -109,7 +120,7 @@ class TrainConfig:
     log_every: int = 200
     ckpt_every: int = 2000
     seed: int = 0
-    device: str = "auto"                 # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     val_limit: int = 0                   # evaluate on the first N val images; 0 = all
 
@@ -153,6 +164,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r}: {value!r} is not of type {tp}")
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(choices)}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
@@ -178,57 +194,83 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+def _apply(obj: Any, updates: dict, folder: Path | None, prefix: str = "") -> None:
+    """Set `updates` (a nested mapping) on the dataclass `obj`; input paths relative to `folder` (None: as given)."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; known keys here: {sorted(names)}")
+        if key not in fields:
+            hint = f"; it is now {RENAMED[path]!r}" if path in RENAMED else f"; known keys here: {sorted(fields)}"
+            raise ConfigError(f"unknown config key {path!r}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; expected a mapping, got {value!r}")
-            _apply(current, value, path + ".")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], path))
+            _apply(current, value, folder, path + ".")
+            continue
+        value = _coerce(value, hints[key], path)
+        if fields[key].metadata.get("input_path") and value and folder is not None and not Path(value).is_absolute():
+            value = os.path.normpath(folder / value)
+        setattr(obj, key, value)
 
 
-def _dotted_to_nested(overrides: list[str]) -> dict:
+def _nest(overrides: list[str] | dict) -> dict:
+    """`key=value` strings (values read as YAML scalars, never evaluated as code) or a mapping of dotted keys to
+    values -> one nested mapping."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
     nested: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
+    for key, value in items:
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)  # a YAML scalar or list, never evaluated as code
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} sets a key inside a value, not a section")
+        node[parts[-1]] = value
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (with optional `base:` chain) <- key=value overrides."""
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({err.problem})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (with optional `base:` chain) <- overrides.
+
+    overrides: `key=value` strings as on the command line (`["optim.lr=1e-4"]`), or a mapping of dotted keys to
+    values (`{"optim.lr": 1e-4}`); either way every key and type is checked.
+    """
     cfg = Config()
-    for layer in _yaml_chain(Path(path)) if path else []:
-        _apply(cfg, layer)
+    for folder, layer in _yaml_chain(Path(path)) if path else []:
+        _apply(cfg, layer, folder)
     if overrides:
-        _apply(cfg, _dotted_to_nested(overrides))
+        _apply(cfg, _nest(overrides), Path("."))
     return cfg
 
 
-def _yaml_chain(path: Path) -> list[dict]:
-    """A YAML file may name a `base:` file (relative to itself) whose values it overrides."""
+def _yaml_chain(path: Path) -> list[tuple[Path, dict]]:
+    """(folder, mapping) of a YAML file and the `base:` files (relative to it) whose values it overrides."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = data.pop("base", None)
     chain = _yaml_chain(path.parent / base) if base else []
-    return chain + [data]
+    return chain + [(path.parent, data)]
 
 
 def to_dict(cfg: Config) -> dict:
@@ -251,6 +293,9 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML; input paths absolute, so the file reads the same data from any folder."""
+    cfg = absolute_input_paths(cfg)
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -260,3 +305,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
     with open(path, "w") as f:
         yaml.safe_dump(plain(to_dict(cfg)), f, sort_keys=False)
+
+
+def absolute_input_paths(cfg: Config) -> Config:
+    """A copy of `cfg` whose input paths (data, weights) are absolute."""
+    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    for section in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
+        if not dataclasses.is_dataclass(section):
+            continue
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("input_path") and value:
+                setattr(section, f.name, str(Path(value).resolve()))
+    return cfg

@@ -13,10 +13,10 @@ self term W_ii = 1 included, un-normalised. Backends (see BACKENDS and docs/kern
 - `cuda`: the same lattice in CUDA (`csrc/permutohedral_cuda.cu`); tensors must be on a GPU.
 - `auto`: `cuda` for GPU tensors when that extension builds, else `cpu`, else `exact`.
 
-The lattice's raw output is 0.5-0.65x the exact sum (it is the filter the original rloss/ToCo used);
-`bilateral_filter` multiplies it by LATTICE_GAIN so all backends share the exact convention. The lattice
-filter used here averages the two blur orders, which makes it exactly symmetric (and linear), so its adjoint
-is itself: `BilateralFilter` applies it under an autograd Function whose backward filters the gradient.
+The lattice's raw output is 0.5-0.65x the exact sum (it is the filter the original rloss/ToCo used); every
+backend's output is brought to one scale, the `convention` (CONVENTIONS). The lattice filter used here averages
+the two blur orders, which makes it exactly symmetric (and linear), so its adjoint is itself: `BilateralFilter`
+applies it under an autograd Function whose backward filters the gradient.
 A native build that fails warns once and falls back to `exact`.
 """
 from __future__ import annotations
@@ -28,21 +28,14 @@ from toco import kernels
 # Mean of (lattice sum / exact sum) is 0.57-0.63 on natural photographs at the training setting (224 px,
 # sigma_xy 50, sigma_rgb 15; docs/kernels.md): the gain brings the lattice to the exact convention.
 LATTICE_GAIN = 1.0 / 0.60
+# The scale every backend's output is brought to:
+# - "exact": the exact Gaussian sum (the lattice's raw sum x LATTICE_GAIN); CRF inference and tests use it;
+# - "lattice": the raw lattice sum, which is the filter the original rloss/ToCo ran, so the DenseCRF loss with the
+#   paper's weight has the original's effect: the lattice backends return their sum as it is, `exact` returns its
+#   sum / LATTICE_GAIN (the lattice's mean ratio to it).
+CONVENTIONS = ("exact", "lattice")
 
 FILTER_MODES = {"forward": 0, "reverse": 1, "symmetric": 2}
-
-
-def _features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
-    """(3,H,W) image in 0-255 -> (H*W, 5) scaled features (y, x, r, g, b)."""
-    _, h, w = image.shape
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=image.device, dtype=torch.float64),
-        torch.arange(w, device=image.device, dtype=torch.float64),
-        indexing="ij",
-    )
-    pos = torch.stack([ys, xs], dim=-1).reshape(-1, 2) / sigma_xy
-    rgb = image.to(torch.float64).reshape(3, -1).t() / sigma_rgb
-    return torch.cat([pos, rgb], dim=1)
 
 
 def gaussian_filter_exact(features: torch.Tensor, values: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -64,11 +57,11 @@ def bilateral_filter_exact(image: torch.Tensor, values: torch.Tensor, sigma_xy: 
     """
     _check_shapes(image, values)
     b, k, h, w = values.shape
+    feats = lattice_features(image, sigma_xy, sigma_rgb, torch.float64)  # (B, N, 5)
     out = torch.empty_like(values)
     for i in range(b):
-        feats = _features(image[i], sigma_xy, sigma_rgb)  # (N, 5)
         vals = values[i].reshape(k, -1).t()  # (N, K)
-        out[i] = gaussian_filter_exact(feats, vals, chunk).t().reshape(k, h, w).to(values.dtype)
+        out[i] = gaussian_filter_exact(feats[i], vals, chunk).t().reshape(k, h, w).to(values.dtype)
     return out
 
 
@@ -82,16 +75,18 @@ def _check_shapes(image: torch.Tensor, values: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Permutohedral lattice (native kernels)
-def lattice_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float | None) -> torch.Tensor:
-    """(B,C,H,W) image -> (B, H*W, 2+C) float32 lattice features (x/sxy, y/sxy, c/srgb...), pydensecrf's order.
+def lattice_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float | None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,C,H,W) image -> (B, H*W, 2+C) features (x/sxy, y/sxy, c/srgb...), pydensecrf's order; float32 for the
+    lattice, float64 for the exact reference.
 
     With sigma_rgb None the features are positions only (B, H*W, 2): the CRF's spatial Gaussian kernel.
     """
     b, c, h, w = image.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=image.device, dtype=torch.float32),
-                            torch.arange(w, device=image.device, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(h, device=image.device, dtype=dtype),
+                            torch.arange(w, device=image.device, dtype=dtype), indexing="ij")
     pos = (torch.stack([xs, ys]) / sigma_xy).expand(b, 2, h, w)
-    feats = pos if sigma_rgb is None else torch.cat([pos, image.to(torch.float32) / sigma_rgb], dim=1)
+    feats = pos if sigma_rgb is None else torch.cat([pos, image.to(dtype) / sigma_rgb], dim=1)
     return feats.reshape(b, feats.shape[1], h * w).transpose(1, 2).contiguous()
 
 
@@ -161,26 +156,35 @@ class _LinearSymmetric(torch.autograd.Function):
 
 
 class BilateralFilter:
-    """W x for a batch of images, in the exact-sum convention; build once, apply to many (B,K,H,W) maps.
+    """W x for a batch of images; build once, apply to many (B,K,H,W) maps.
 
-    image (B,3,H,W) colours in 0-255. Calling it is differentiable in the values (W is symmetric, so the
-    backward applies the same filter), whatever the backend.
+    image (B,3,H,W) colours in 0-255. `convention` fixes the scale whatever the backend runs (CONVENTIONS).
+    Calling it is differentiable in the values (W is symmetric, so the backward applies the same filter).
     """
 
-    def __init__(self, image: torch.Tensor, sigma_xy: float, sigma_rgb: float, backend: str = "exact"):
+    def __init__(self, image: torch.Tensor, sigma_xy: float, sigma_rgb: float, backend: str = "exact",
+                 convention: str = "exact"):
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must be (B,3,H,W), got {tuple(image.shape)}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown filter convention {convention!r}; choose from {CONVENTIONS}")
         self.backend = resolve_backend(backend, image.device)
         self.image, self.sigma_xy, self.sigma_rgb = image.detach(), sigma_xy, sigma_rgb
         self.lattice = None
         if self.backend != "exact":
             self.lattice = Lattice(lattice_features(self.image, sigma_xy, sigma_rgb), self.backend)
+        # what the backend's own output is multiplied by to reach the convention
+        if self.lattice is None:
+            self.gain = 1.0 if convention == "exact" else 1.0 / LATTICE_GAIN
+        else:
+            self.gain = LATTICE_GAIN if convention == "exact" else 1.0
 
     def _apply(self, values: torch.Tensor) -> torch.Tensor:
         if self.lattice is None:
-            return bilateral_filter_exact(self.image, values, self.sigma_xy, self.sigma_rgb)
+            out = bilateral_filter_exact(self.image, values, self.sigma_xy, self.sigma_rgb)
+            return out if self.gain == 1.0 else out * self.gain
         b, k, h, w = values.shape
-        out = self.lattice.filter(values.reshape(b, k, h * w), "symmetric", LATTICE_GAIN)
+        out = self.lattice.filter(values.reshape(b, k, h * w), "symmetric", self.gain)
         return out.reshape(b, k, h, w)
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
@@ -190,23 +194,11 @@ class BilateralFilter:
         return self._apply(values)
 
 
-def _lattice_backend(name: str):
-    def run(image, values, sigma_xy, sigma_rgb):
-        return BilateralFilter(image, sigma_xy, sigma_rgb, backend=name)(values)
-    run.__name__ = f"bilateral_filter_{name}"
-    run.__doc__ = f"W @ values by the permutohedral lattice, backend {name!r} (see the module docstring)."
-    return run
-
-
-BACKENDS = {"exact": bilateral_filter_exact, "cpu": _lattice_backend("cpu"), "cuda": _lattice_backend("cuda"),
-            "auto": _lattice_backend("auto")}
+BACKENDS = ("exact", "cpu", "cuda", "auto")
 
 
 def bilateral_filter(image: torch.Tensor, values: torch.Tensor, sigma_xy: float, sigma_rgb: float,
-                     backend: str = "exact") -> torch.Tensor:
-    """Dispatch to a filter backend by name (see BACKENDS)."""
-    try:
-        fn = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown bilateral filter backend {backend!r}; choose from {sorted(BACKENDS)}") from None
-    return fn(image, values, sigma_xy, sigma_rgb)
+                     backend: str = "exact", convention: str = "exact") -> torch.Tensor:
+    """W @ values for image (B,3,H,W) in 0-255 and values (B,K,H,W), by the named backend (BACKENDS), scaled to
+    `convention` (CONVENTIONS)."""
+    return BilateralFilter(image, sigma_xy, sigma_rgb, backend, convention)(values)

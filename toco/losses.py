@@ -98,10 +98,11 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
 class DenseCRFEnergy(torch.autograd.Function):
     """E = -(s/B) sum_k <P~_k, g (W P~_k)>, P~ = P * roi; backward -2 s g (W P~) / B * roi (the original's).
 
-    All inputs are already at the working resolution. The gradient treats the gate g (which depends on P through
-    max_k P_k) as a constant and uses W's symmetry as if g were uniform, exactly like rloss/ToCo: it is the
-    derivative of E only where g and roi are constant (e.g. every pixel ignored -> g = 1, roi = 1). In general
-    the true derivative would be -(s/B) roi (g W P~ + W (g P~)) plus a term through g.
+    All inputs are already at the working resolution; W is the bilateral filter in the original's ("lattice")
+    scale (toco.filters.CONVENTIONS). The gradient treats the gate g (which depends on P through max_k P_k) as a
+    constant and uses W's symmetry as if g were uniform, exactly like rloss/ToCo: it is the derivative of E only
+    where g and roi are constant (e.g. every pixel ignored -> g = 1, roi = 1). In general the true derivative
+    would be -(s/B) roi (g W P~ + W (g P~)) plus a term through g.
     """
 
     @staticmethod
@@ -110,7 +111,7 @@ class DenseCRFEnergy(torch.autograd.Function):
         roi = roi.to(probs.dtype)  # (B,H,W)
         gate = (roi - probs.max(dim=1).values).masked_fill(unlabeled, 1.0).clamp_min(0.0)  # (B,H,W)
         p_roi = probs * roi[:, None]  # (B,K,H,W)
-        filtered = bilateral_filter(image, p_roi, sigma_xy, sigma_rgb, backend=backend)  # W P~
+        filtered = bilateral_filter(image, p_roi, sigma_xy, sigma_rgb, backend, convention="lattice")  # W P~
         a_s = gate[:, None] * filtered  # (B,K,H,W)
         ctx.save_for_backward(a_s, roi)
         ctx.factor = scale / b
@@ -124,27 +125,27 @@ class DenseCRFEnergy(torch.autograd.Function):
 
 
 def dense_crf_loss(image: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor,
-                   sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5,
-                   weight: float = 1e-7, filter_scale: float = 0.55, backend: str = "exact",
-                   ignore_index: int = 255) -> torch.Tensor:
-    """Regularised DenseCRF loss (Tang et al. 2018, with ToCo's confidence gate).
+                   sigma_rgb: float = 15.0, sigma_xy: float = 100.0, downscale: float = 0.5,
+                   energy_scale: float = 1e-7, backend: str = "exact", ignore_index: int = 255) -> torch.Tensor:
+    """Regularised DenseCRF loss (Tang et al. 2018, with ToCo's confidence gate), unweighted (`loss.w_reg`
+    weights it in the step).
 
     image (B,3,H,W) RGB 0-255 float; probs (B,K,H,W) softmax probabilities (gradient flows through the
     bilinear downscale); roi (B,H,W) {0,1} valid-crop mask; label (B,H,W) pseudo label with ignore_index.
-    At scale_factor the image, roi and label are sampled nearest, probs bilinearly (align_corners=False) and
+    At `downscale` the image, roi and label are sampled nearest, probs bilinearly (align_corners=False) and
     sigma_xy is scaled (sigma_rgb is not). Gate g = roi - max_k P_k, 1 on ignored pixels, clipped at 0.
-    Returns weight * filter_scale * E (see DenseCRFEnergy). filter_scale ~0.55 matches the exact Gaussian sum
-    to the scale of the original's un-normalised permutohedral filter, so the paper's weight keeps its effect.
+    Returns energy_scale * E (see DenseCRFEnergy): the original's 1e-7 inside the layer, on the original's
+    filter scale whichever backend runs.
     """
     h, w = probs.shape[-2:]
     roi = roi.to(probs.dtype)
     label = label.to(probs.device)
-    if scale_factor != 1.0:
-        size = (int(h * scale_factor), int(w * scale_factor))
+    if downscale != 1.0:
+        size = (int(h * downscale), int(w * downscale))
         image = F.interpolate(image, size=size, mode="nearest")
         probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         roi = F.interpolate(roi[:, None], size=size, mode="nearest")[:, 0]
         label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
     unlabeled = label == ignore_index  # (B,h,w)
-    return DenseCRFEnergy.apply(image.to(probs.dtype), probs, roi, unlabeled, sigma_xy * scale_factor, sigma_rgb,
-                                weight * filter_scale, backend)
+    return DenseCRFEnergy.apply(image.to(probs.dtype), probs, roi, unlabeled, sigma_xy * downscale, sigma_rgb,
+                                energy_scale, backend)

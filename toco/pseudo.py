@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _box_mask(img_box, h: int, w: int, device) -> torch.Tensor:
+def box_mask(img_box, size: tuple[int, int]) -> torch.Tensor:
     """(B,4) [h0,h1,w0,w1] boxes -> (B,H,W) bool, True inside the box (half-open ranges, clipped to the map)."""
-    box = torch.as_tensor(img_box).to(device=device, dtype=torch.long)
-    ys = torch.arange(h, device=device).view(1, h, 1)
-    xs = torch.arange(w, device=device).view(1, 1, w)
+    h, w = size
+    device = img_box.device if torch.is_tensor(img_box) else None
+    box = torch.as_tensor(img_box, device=device).long()
+    ys = torch.arange(h, device=box.device).view(1, h, 1)
+    xs = torch.arange(w, device=box.device).view(1, 1, w)
     inside_y = (ys >= box[:, 0].view(-1, 1, 1)) & (ys < box[:, 1].view(-1, 1, 1))
     inside_x = (xs >= box[:, 2].view(-1, 1, 1)) & (xs < box[:, 3].view(-1, 1, 1))
     return inside_y & inside_x
@@ -82,7 +84,7 @@ def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg_thre: float, hi
         label[value <= high_thre] = ignore_index
         label[value <= low_thre] = 0
     if img_box is not None:
-        label[~_box_mask(img_box, *label.shape[-2:], label.device)] = ignore_index
+        label[~box_mask(img_box, label.shape[-2:]).to(label.device)] = ignore_index
     return label
 
 
@@ -159,7 +161,7 @@ def refine_cams_with_bkg(par, images01: torch.Tensor, cam: torch.Tensor, cls_lab
     label[label_h == 0] = ignore_index
     label[(label_h == 0) & (label_l == 0)] = 0
     if img_box is not None:
-        label[~_box_mask(img_box, h, w, label.device)] = ignore_index
+        label[~box_mask(img_box, (h, w)).to(label.device)] = ignore_index
     return label
 
 

@@ -32,12 +32,12 @@ def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, absolute(value))
-    tc = cfg.tracking
-    tc.artifact_root = absolute(tc.artifact_root)
-    if tc.tracking_uri.startswith("sqlite:///"):
-        tc.tracking_uri = "sqlite:///" + absolute(tc.tracking_uri.removeprefix("sqlite:///"))
-    elif "://" not in tc.tracking_uri:  # a plain folder
-        tc.tracking_uri = absolute(tc.tracking_uri)
+    tracking = cfg.tracking
+    tracking.artifact_root = absolute(tracking.artifact_root)
+    if tracking.tracking_uri.startswith("sqlite:///"):
+        tracking.tracking_uri = "sqlite:///" + absolute(tracking.tracking_uri.removeprefix("sqlite:///"))
+    elif "://" not in tracking.tracking_uri:  # a plain folder
+        tracking.tracking_uri = absolute(tracking.tracking_uri)
     return cfg
 
 

@@ -167,7 +167,7 @@ class Trainer:
         return self.rank == 0
 
     def fit(self) -> TrainOutcome:
-        cfg, tc = self.cfg, self.cfg.train
+        cfg, train_cfg = self.cfg, self.cfg.train
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -176,14 +176,14 @@ class Trainer:
         window: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
         latest: dict[str, float] = {}  # the last logged value of every metric, for on_checkpoint
-        progress = tqdm(total=tc.max_iters, initial=self.iteration, desc="train", unit="it",
+        progress = tqdm(total=train_cfg.max_iters, initial=self.iteration, desc="train", unit="it",
                         disable=not self.is_main, dynamic_ncols=True, mininterval=2.0)
         tick, tick_iter = time.perf_counter(), self.iteration
         batches = iter(train_loader)
-        while self.iteration < tc.max_iters:
+        while self.iteration < train_cfg.max_iters:
             batch = _to(next(batches), self.device)
             generator = torch.Generator(device=self.device).manual_seed(
-                _seed_of(tc.seed, self.iteration, self.rank))
+                _seed_of(train_cfg.seed, self.iteration, self.rank))
             result = train_step(self.train_model, self.par, batch, cfg, self.iteration, generator)
             if not torch.isfinite(result.total):
                 raise FloatingPointError(f"loss is {result.total.item()} at iteration {self.iteration}: "
@@ -198,7 +198,7 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{result.total.item():.3f}", refresh=False)
 
-            if self.iteration % tc.log_every == 0 or self.iteration == tc.max_iters:
+            if self.iteration % train_cfg.log_every == 0 or self.iteration == train_cfg.max_iters:
                 rate = (self.iteration - tick_iter) / (time.perf_counter() - tick)
                 logged = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
                 logged.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
@@ -207,10 +207,10 @@ class Trainer:
                     self.logger.log_metrics(logged, self.iteration)
                 latest.update(logged)
                 window, tick, tick_iter = {}, time.perf_counter(), self.iteration
-            if self.iteration % tc.eval_every == 0 or self.iteration == tc.max_iters:
+            if self.iteration % train_cfg.eval_every == 0 or self.iteration == train_cfg.max_iters:
                 metrics = self._evaluate(val_loader, class_names)
                 latest.update(metrics)
-            if self.iteration % tc.ckpt_every == 0 or self.iteration == tc.max_iters:
+            if self.iteration % train_cfg.ckpt_every == 0 or self.iteration == train_cfg.max_iters:
                 path = self.out_dir / "last.pt" if self.is_main else None
                 if path:
                     save_checkpoint(path, self.state())
@@ -238,8 +238,4 @@ class Trainer:
         return result.metrics
 
 
-def train(cfg: Config, logger: Logger | None = None, resume: str | Path | None = None) -> TrainOutcome:
-    return Trainer(cfg, logger, resume).fit()
-
-
-__all__ = ["Trainer", "train", "TrainOutcome", "NullLogger", "EpochBatches", "SeededSamples"]
+__all__ = ["Trainer", "TrainOutcome", "NullLogger", "EpochBatches", "SeededSamples"]

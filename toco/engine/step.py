@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from toco.config import Config
 from toco.data.transforms import denormalize
 from toco.losses import cls_loss, ctc_loss, dense_crf_loss, ptc_loss, seg_loss
-from toco.pseudo import cam_to_label, cam_to_roi_mask, crop_from_roi, multi_scale_cam, refine_cams_with_bkg
+from toco.pseudo import box_mask, cam_to_label, cam_to_roi_mask, crop_from_roi, multi_scale_cam, refine_cams_with_bkg
 
 
 @dataclass
@@ -27,15 +27,6 @@ def active_terms(cfg: Config, iteration: int) -> dict[str, bool]:
     return dict(ptc=cfg.loss.use_ptc and contrast, ctc=cfg.loss.use_ctc and contrast, seg=seg, reg=seg)
 
 
-def box_mask(img_box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) float mask, 1 inside [h0, h1) x [w0, w1)."""
-    h = torch.arange(size[0], device=img_box.device)
-    w = torch.arange(size[1], device=img_box.device)
-    rows = (h[None] >= img_box[:, 0:1]) & (h[None] < img_box[:, 1:2])  # (B, H)
-    cols = (w[None] >= img_box[:, 2:3]) & (w[None] < img_box[:, 3:4])  # (B, W)
-    return (rows[:, :, None] & cols[:, None, :]).float()
-
-
 def token_box(img_box: torch.Tensor, patch_size: int, legacy_bugs: bool) -> torch.Tensor:
     """The padding box on the token grid. The original applied the pixel box unscaled (a bug, SPEC §7)."""
     if legacy_bugs:
@@ -49,7 +40,7 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
                generator: torch.Generator | None = None) -> StepResult:
     images, cls_label, img_box = batch["image"], batch["cls_label"], batch["img_box"]
     b, _, height, width = images.shape
-    pc, lc = cfg.pseudo, cfg.loss
+    pseudo_cfg, loss_cfg = cfg.pseudo, cfg.loss
     active = active_terms(cfg, iteration)
 
     net = getattr(model, "module", model)  # the bare ToCoNet inside a DDP wrapper
@@ -57,17 +48,17 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
     # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1); only PTC, CTC and seg read them, so
     # a step with none of them active (COCO's first stage, the ablation baseline's warm-up) skips the cost
     if any(active.values()):
-        cam, aux_cam = multi_scale_cam(net, images, pc.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
+        cam, aux_cam = multi_scale_cam(net, images, pseudo_cfg.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
 
     # 2. one forward with gradient: main input, and for CTC the second global view and the local crops
     crops = flags = None
     if active["ctc"]:  # local crops centred in uncertain regions of the aux-CAM ROI (SPEC §3 CTC)
-        roi = cam_to_roi_mask(aux_cam, cls_label, pc.low_thre, pc.high_thre)
+        roi = cam_to_roi_mask(aux_cam, cls_label, pseudo_cfg.low_thre, pseudo_cfg.high_thre)
         crop_list, flags = crop_from_roi(batch["local_image"], roi, cfg.data.local_crop_size,
-                                         cfg.data.num_local_crops, pc.uncertain_ratio,
+                                         cfg.data.num_local_crops, pseudo_cfg.uncertain_ratio,
                                          legacy_bugs=cfg.legacy_bugs, generator=generator)
         crops = torch.cat(crop_list)
-    out = model(images, batch["global2"] if active["ctc"] else None, crops, lc.ema_momentum, seg=active["seg"])
+    out = model(images, batch["global2"] if active["ctc"] else None, crops, loss_cfg.ema_momentum, seg=active["seg"])
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}
@@ -75,28 +66,29 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
     if active["ptc"]:  # PTC on the final tokens, guided by aux-CAM token labels (SPEC §3)
         grid = out.tokens.shape[-2:]
         aux_cam_tokens = F.interpolate(aux_cam, size=grid, mode="bilinear", align_corners=False)
-        token_label = cam_to_label(aux_cam_tokens, cls_label, pc.bkg_thre, pc.high_thre, pc.low_thre,
+        token_label = cam_to_label(aux_cam_tokens, cls_label, pseudo_cfg.bkg_thre, pseudo_cfg.high_thre, pseudo_cfg.low_thre,
                                    ignore_mid=True, img_box=token_box(img_box, net.patch_size, cfg.legacy_bugs))
-        losses["ptc"], weights["ptc"] = ptc_loss(out.tokens, token_label), lc.w_ptc
+        losses["ptc"], weights["ptc"] = ptc_loss(out.tokens, token_label), loss_cfg.w_ptc
 
     if active["ctc"]:
-        losses["ctc"] = ctc_loss(out.student, out.teacher, flags, lc.ctc_temperature, legacy_bugs=cfg.legacy_bugs)
-        weights["ctc"] = lc.w_ctc
+        losses["ctc"] = ctc_loss(out.student, out.teacher, flags, loss_cfg.ctc_temperature, legacy_bugs=cfg.legacy_bugs)
+        weights["ctc"] = loss_cfg.w_ctc
 
     refined_label = None
     if active["seg"]:  # segmentation on PAR-refined CAM labels, plus the DenseCRF regulariser
         image255 = denormalize(images)                           # (B, 3, H, W) in 0..255
         image01 = image255.clamp(0, 255).floor() / 255           # the original's uint8 cast
-        seg_cam = aux_cam if iteration < lc.cam_source_until else cam
-        refined_label = refine_cams_with_bkg(par, image01, seg_cam, cls_label, pc.high_thre, pc.low_thre,
+        seg_cam = aux_cam if iteration < loss_cfg.cam_source_until else cam
+        refined_label = refine_cams_with_bkg(par, image01, seg_cam, cls_label, pseudo_cfg.high_thre, pseudo_cfg.low_thre,
                                              img_box=img_box)
-        losses["seg"], weights["seg"] = seg_loss(out.seg_logits, refined_label), lc.w_seg
+        losses["seg"], weights["seg"] = seg_loss(out.seg_logits, refined_label), loss_cfg.w_seg
         probs = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
                               align_corners=False).softmax(dim=1)
         losses["reg"] = dense_crf_loss(image255, probs, box_mask(img_box, (height, width)), refined_label,
-                                       sigma_rgb=lc.reg_sigma_rgb, sigma_xy=lc.reg_sigma_xy,
-                                       scale_factor=lc.reg_scale, weight=lc.reg_weight, backend=lc.reg_backend)
-        weights["reg"] = lc.w_reg
+                                       sigma_rgb=loss_cfg.reg_sigma_rgb, sigma_xy=loss_cfg.reg_sigma_xy,
+                                       downscale=loss_cfg.reg_downscale, energy_scale=loss_cfg.reg_energy_scale,
+                                       backend=loss_cfg.reg_backend)
+        weights["reg"] = loss_cfg.w_reg
 
     total = sum(weights[k] * v for k, v in losses.items())
     return StepResult(total, {k: float(v.detach()) for k, v in losses.items()}, refined_label)

@@ -1,25 +1,36 @@
-# Every target sets up .venv on its own; the `toco` console script does the work.
+# Every target sets up .venv on its own (`make help` lists them); the `toco` console script does the work.
 PY := .venv/bin/python
 TOCO := .venv/bin/toco
-STAMP := .venv/.installed
+BASE_STAMP := .venv/.installed-base  # what training and evaluation need
+STAMP := .venv/.installed            # + tests, benchmarks, Ray and Optuna
 # CUDA kernels compile with the toolkit here even without a GPU (torch needs CUDA_HOME set explicitly)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: demo test ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
+.PHONY: help demo test test-fast ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
 
-$(STAMP): pyproject.toml
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
+
+$(BASE_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP)  ## set up .venv with everything (make demo installs only what training needs)
 
-demo: $(STAMP)  ## train ToCo on the embedded synthetic benchmark, evaluate, log to MLflow
+demo: $(BASE_STAMP)  ## train ToCo on the embedded synthetic benchmark, evaluate, log to MLflow
 	$(TOCO) train experiments/synthetic.yaml
 
-test: $(STAMP)
+test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  ## the test suite without the slow Ray tests, for quick iterations
+	$(PY) -m pytest -q -m "not slow" tests
 
 ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
 	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml
@@ -27,11 +38,11 @@ ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
 # the synthetic default's backbone (experiments/pretext/synthetic.yaml): trains the pretext stage, then writes the
 # encoder the default loads; commit the file to change what `make demo` starts from
 PRETRAINED = experiments/pretrained/synthetic_tiny.pt
-pretext: $(STAMP)  ## classification pre-training on separately generated images -> $(PRETRAINED)
+pretext: $(STAMP)  ## classification pre-training on separately generated images -> experiments/pretrained
 	$(TOCO) train experiments/pretext/synthetic.yaml $(ARGS)
 	$(TOCO) export-encoder runs/pretext/synthetic/last.pt $(PRETRAINED)
 
-ui: $(STAMP)  ## MLflow UI on 127.0.0.1:5000
+ui: $(BASE_STAMP)  ## MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
 
 # Benchmarks (benchmarks/bench_*.py; never collected by `make test`). Baselines live per machine class in
@@ -71,8 +82,8 @@ submit: $(STAMP)  ## train SUBMIT_CONFIG on WORKERS Ray Train workers as a job o
 		tracking.tracking_uri=sqlite:///$(CURDIR)/mlruns/mlflow.db tracking.artifact_root=$(CURDIR)/mlruns/artifacts \
 		output_dir=$(CURDIR)/runs/submitted
 
-synth: $(STAMP)  ## write the synthetic benchmark in the VOC layout to data/synthetic
+synth: $(BASE_STAMP)  ## write the synthetic benchmark in the VOC layout to data/synthetic
 	$(TOCO) data synth --out data/synthetic
 
-clean:
+clean:  ## remove runs/ (checkpoints and evaluations) and pytest's cache
 	rm -rf runs .pytest_cache

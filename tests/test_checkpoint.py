@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toco.engine.checkpoint import check_compatible, export_encoder, load_checkpoint, save_checkpoint
+from toco.engine.checkpoint import CheckpointError, check_compatible, export_encoder, load_checkpoint, save_checkpoint
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_load_refuses_pickled_code(tmp_path):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(CheckpointError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
 
 

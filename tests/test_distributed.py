@@ -8,6 +8,8 @@ from toco.distributed.train import fit_distributed, init_ray  # noqa: E402
 from toco.engine.checkpoint import load_checkpoint  # noqa: E402
 from toco.engine.loop import Trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -47,7 +49,7 @@ def test_two_gloo_workers_take_the_step_of_one_process_on_the_same_global_batch(
     assert sum(float(m.abs().sum()) for m, _ in moments) > 0
 
 
-def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_cluster, tiny_cfg, tmp_path):
+def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_cluster, tiny_cfg, tmp_path, monkeypatch):
     import mlflow
 
     from toco.tracking import MLflowLogger
@@ -59,8 +61,8 @@ def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_clust
     logger = MLflowLogger(cfg)
     # rank 0's process exits right after logging step 3, after the checkpoint of step 2: the restarted group
     # resumes from 2 and repeats step 3, which MLflow must not hold twice
-    result = fit_distributed(cfg, workers=2, mlflow_run_id=logger.run_id, max_failures=1,
-                             crash_after_step=3, crash_marker=str(tmp_path / "crashed"))
+    monkeypatch.setenv("TOCO_TEST_CRASH_AFTER_STEP", f"3:{tmp_path / 'crashed'}")
+    result = fit_distributed(cfg, workers=2, mlflow_run_id=logger.run_id, max_failures=1)
     logger.end()
     assert (tmp_path / "crashed").exists(), "the worker was not killed"
     assert result.metrics["iteration"] == cfg.train.max_iters

@@ -53,7 +53,7 @@ def test_step_returns_every_active_loss_and_finite_gradients(tiny_cfg, tiny_mode
     from toco.engine.loop import build_loaders
     from toco.par import PAR
 
-    loader, _, _ = build_loaders(tiny_cfg)
+    loader, _ = build_loaders(tiny_cfg)
     batch = next(iter(loader))
     assert "mask" not in batch  # training sees image-level labels only
     par = PAR(tiny_cfg.pseudo.par_dilations, tiny_cfg.pseudo.par_iters)

@@ -15,6 +15,8 @@ import yaml
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
+
 pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,6 +10,8 @@ import yaml
 from conftest import TINY
 from toco.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = TINY + [
     "data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",

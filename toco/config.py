@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from toco.errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError):
+    """A config file, key or value that cannot be used."""
 
 
 def input_path(default: str | None = None):
@@ -43,7 +45,8 @@ class DataConfig:
     rescale_range: tuple[float, float] = (0.5, 2.0)
     local_crop_size: int = 96            # CTC local views
     num_local_crops: int = 8
-    val_size: int = 448                  # in-training validation resizes to this (SPEC §5)
+    val_size: int = 448                  # in-training validation (and its CAMs) resize to this square side
+    test_resize: int | None = None       # `toco eval` resizes to this square side first (COCO: 448); None = native
     num_workers: int = 2
     synth_size: int = 96                 # synthetic generator: image side, split sizes, seed
     synth_train: int = 2000
@@ -123,6 +126,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     val_limit: int = 0                   # evaluate on the first N val images; 0 = all
+    val_split: str | None = None         # split validated on during training; None = data.val_split
 
 
 @dataclass
@@ -229,6 +233,17 @@ def _nest(overrides: list[str] | dict) -> dict:
                 raise ConfigError(f"override {key!r} sets a key inside a value, not a section")
         node[parts[-1]] = value
     return nested
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> {dotted key: value}, values read as YAML scalars or lists."""
+    return dict(_split_override(item) for item in items)
+
+
+def apply_mapping(obj: Any, mapping: dict) -> None:
+    """Set a nested mapping on a dataclass with the config's checks: unknown keys and wrong types raise
+    ConfigError naming the key (the sweep spec reads itself with it)."""
+    _apply(obj, mapping, None)
 
 
 def _split_override(item: str) -> tuple[str, Any]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from toco import viz
 from toco.config import Config, flatten, save_config
 
 
@@ -84,6 +83,16 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict
     retry_locked(lambda: client.set_terminated(run_id, status))
 
 
+def end_open_runs(tracking_uri: str, run_ids: list, status: str) -> None:
+    """End the runs among `run_ids` that are still RUNNING (their processes were stopped)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for run_id in filter(None, run_ids):
+        if client.get_run(run_id).info.status == "RUNNING":
+            retry_locked(lambda: client.set_terminated(run_id, status))
+
+
 def log_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: str, params: dict | None = None,
             metrics: dict[str, float] | None = None, tags: dict | None = None, artifacts: list | None = None) -> str:
     """One finished run in one call (evaluations, benchmarks); returns its id. Non-finite metrics are left out,
@@ -116,63 +125,75 @@ def log_run(tracking_uri: str, artifact_root: str, experiment: str, run_name: st
 
 
 class MLflowLogger:
-    """Implements the loop's Logger protocol on one MLflow run."""
+    """One MLflow run (implements the training loop's Logger protocol); `toco.run.tracked_run` opens and ends it.
 
-    def __init__(self, cfg: Config, run_id: str | None = None, nested: bool = False, tags: dict | None = None):
+    run_id: continue that run (a resumed training, a Ray worker of the driver's run). parent_run_id: nest it
+    under another run, in that run's experiment (an evaluation under its training, a trial under its sweep).
+    """
+
+    def __init__(self, cfg: Config, run_id: str | None = None, tags: dict | None = None,
+                 parent_run_id: str | None = None, run_name: str | None = None, log_config: bool = True):
         import mlflow
 
         self.mlflow = mlflow
-        exp_id = setup_mlflow(cfg.tracking.tracking_uri, cfg.tracking.artifact_root, cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=cfg.tracking.run_name,
-                                    nested=nested)
+        tracking = cfg.tracking
+        exp_id = setup_mlflow(tracking.tracking_uri, tracking.artifact_root, tracking.experiment)
+        self.client = mlflow.MlflowClient(tracking.tracking_uri)
+        tags = dict(tags or {})
+        if parent_run_id:
+            try:  # the UI nests a run only within its parent's experiment
+                exp_id = self.client.get_run(parent_run_id).info.experiment_id
+                tags["mlflow.parentRunId"] = parent_run_id
+            except Exception:  # the parent lives in another store: keep the link as a plain tag
+                tags["parent_run_id"] = parent_run_id
+        self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id if run_id is None else None,
+                                    run_name=run_name or tracking.run_name, nested=mlflow.active_run() is not None)
         self.run_id = self.run.info.run_id
         # a resumed run skips the (metric, step) pairs it already holds: the steps a killed process logged after
         # its last checkpoint are repeated after the resume, and each must appear once
         self.logged_steps: dict[str, set[int]] = {}
         if run_id is not None:  # a resumed run keeps its params
-            client = mlflow.MlflowClient()
-            for key in client.get_run(run_id).data.metrics:
-                self.logged_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged_steps[key] = {m.step for m in self.client.get_metric_history(run_id, key)}
         else:
-            mlflow.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
-            mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.data.name,
-                             "backbone": cfg.model.backbone, **(tags or {})})
-            with tempfile.TemporaryDirectory() as tmp:
-                save_config(cfg, Path(tmp) / "config.yaml")
-                mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+            if log_config:
+                mlflow.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_config(cfg, Path(tmp) / "config.yaml")
+                    mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+            mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.data.name, "backbone": cfg.model.backbone,
+                             **{k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        fresh = {k: float(v) for k, v in metrics.items() if step not in self.logged_steps.get(k, ())}
+        fresh = {k: float(v) for k, v in metrics.items()
+                 if step not in self.logged_steps.get(k, ()) and v is not None and np.isfinite(v)}
         if fresh:
             retry_locked(lambda: self.mlflow.log_metrics(fresh, step=step))
+
+    def log_params(self, params: dict) -> None:
+        self.mlflow.log_params({k: param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path, artifact_path=None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path)
 
-    def log_evaluation(self, result, class_names, step, out_dir) -> None:
-        folder = Path(out_dir) / "eval" / f"iter_{step:06d}"
-        write_evaluation(result, class_names, folder)
-        self.mlflow.log_artifacts(str(folder), f"eval/iter_{step:06d}")
+    def log_evaluation(self, folder: str | Path, metrics: dict[str, float], per_class_iou: dict, step: int,
+                       prefix: str, artifact_path: str | None = None) -> None:
+        """An evaluation's result folder (`toco.evaluation.write_results`): metrics and per-class IoU as
+        metrics at `step`, the per-class IoU as a table, the pictures as images at `step` (the UI shows them
+        over training), the files as artifacts."""
+        from PIL import Image
+
+        folder = Path(folder)
+        iou = {f"{prefix}iou_{m}/{name}": v for m, table in per_class_iou.items() for name, v in table.items()}
+        self.log_metrics({**{f"{prefix}{k}": v for k, v in metrics.items()}, **iou}, step)
+        names = list(next(iter(per_class_iou.values()), {}))
+        if names:
+            table = {"class": names, **{m: [t[n] for n in names] for m, t in per_class_iou.items()}}
+            self.mlflow.log_table(table, artifact_file=f"{artifact_path or 'eval'}/per_class_iou_table.json")
+        for picture in sorted(folder.glob("*.png")):
+            with Image.open(picture) as image:
+                self.mlflow.log_image(image.convert("RGB"), key=f"{prefix}{picture.stem}", step=step)
+        self.mlflow.log_artifacts(str(folder), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
-
-
-def write_evaluation(result, class_names: list[str], folder: Path) -> None:
-    """Per-class IoU table (text + JSON), confusion matrix and the picture grid of a few val images."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tables = {k: cm.table(class_names) for k, cm in result.confusion.items()}
-    (folder / "per_class_iou.txt").write_text("\n\n".join(f"[{k}]\n{t}" for k, t in tables.items()) + "\n")
-    per_class = {k: dict(zip(class_names, np.nan_to_num(cm.iou(), nan=-1).round(4).tolist()))
-                 for k, cm in result.confusion.items()}
-    (folder / "per_class_iou.json").write_text(json.dumps({"metrics": result.metrics, "iou": per_class}, indent=1))
-    viz.confusion_plot(result.confusion["seg"].matrix, class_names, folder / "confusion_seg.png")
-    if result.samples:
-        rows = []
-        for s in result.samples:
-            present = s["cls_label"] > 0.5
-            cam = s["cam"][present].max(axis=0) if present.any() else np.zeros(s["mask"].shape)
-            rows.append([s["raw"], viz.heatmap(cam), viz.colorize(s["cam_label"]),
-                         viz.colorize(s["pred"]), viz.colorize(s["mask"])])
-        viz.picture_grid(rows, ["image", "CAM", "pseudo label", "prediction", "ground truth"],
-                         folder / "samples.png")

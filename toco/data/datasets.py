@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from toco.errors import UserError
 from toco.viz import save_label_png as save_mask_png, voc_palette  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = 255
@@ -39,7 +40,7 @@ COCO_CLASS_NAMES: tuple[str, ...] = (
 _IMAGE_EXTS = (".jpg", ".png")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Bad dataset input; the message names the offending file."""
 
 
@@ -256,7 +257,10 @@ def build_source(data_cfg, split: str):
         if stream is None:
             raise DatasetError(f"synthetic split must be train_aug, train or val, got {split!r}")
         n = data_cfg.synth_train if stream == "train" else data_cfg.synth_val
-        source = SyntheticSource(stream, n, data_cfg.synth_size, data_cfg.num_classes, data_cfg.synth_seed)
+        try:
+            source = SyntheticSource(stream, n, data_cfg.synth_size, data_cfg.num_classes, data_cfg.synth_seed)
+        except ValueError as err:  # a class count or size the generator cannot make
+            raise DatasetError(f"data: {err}") from None
     elif data_cfg.root is None:
         raise DatasetError(f"data.root must be set for dataset {name!r}")
     elif name == "synthetic":

@@ -12,7 +12,6 @@ parallel-coordinate plots.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from toco.config import Config, ConfigError, load_config, save_config
+from toco.config import Config, ConfigError, apply_mapping, load_config, parse_overrides, save_config
+from toco.run import RUN_ID_FILE, read_run_id, tracked_run
 from toco.distributed.train import CHECKPOINT_FILE, absolute_paths, checkpoint_folder, fit_distributed, init_ray
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -39,7 +39,7 @@ class SweepSpec:
     space: dict[str, dict]                 # dotted config key -> {uniform|loguniform|randint: [lo, hi]} | {choice: [...]}
     overrides: dict[str, typing.Any] = field(default_factory=dict)  # dotted key -> value, for every trial
     metric: str = "val/miou_seg"
-    mode: str = "max"
+    mode: typing.Literal["max", "min"] = "max"
     num_samples: int = 8                   # trials
     max_concurrent: int = 1                # trials at once
     workers: int = 1                       # Ray Train DDP workers per trial; 1 = the trial trains in its own process
@@ -57,14 +57,12 @@ class SweepSpec:
 
     def trial_config(self, params: dict) -> Config:
         """The experiment with the sweep's overrides and one trial's parameters; paths made absolute."""
-        items = {**self.overrides, **params}
-        cfg = load_config(self.config, [f"{k}={json.dumps(v)}" for k, v in items.items()] + self.cli_overrides)
+        cfg = load_config(self.config, {**self.overrides, **params, **parse_overrides(self.cli_overrides)})
         cfg.train.ckpt_every = cfg.train.eval_every  # a report (= checkpoint) must carry the metric
         return absolute_paths(cfg, base=self.cwd)
 
     def default_params(self) -> dict:
-        cfg = load_config(self.config, [f"{k}={json.dumps(v)}" for k, v in self.overrides.items()]
-                          + self.cli_overrides)
+        cfg = load_config(self.config, {**self.overrides, **parse_overrides(self.cli_overrides)})
         return {key: _get(cfg, key) for key in self.space}
 
 
@@ -88,19 +86,13 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     missing = [k for k in ("name", "config", "space") if k not in raw]
     if missing:
         raise ConfigError(f"sweep {path}: missing keys {missing}")
-    for key in ("space", "overrides"):
-        if not isinstance(raw.get(key, {}), dict):
-            raise ConfigError(f"sweep {path}: {key!r} should be a mapping of dotted config keys, got {raw[key]!r}")
-    hints = typing.get_type_hints(SweepSpec)
-    for key, value in raw.items():
-        if hints[key] is float and isinstance(value, int) and not isinstance(value, bool):
-            raw[key] = float(value)
-        elif hints[key] in (int, float, str, bool) and type(raw[key]) is not hints[key]:
-            raise ConfigError(f"sweep {path}: {key!r} should be {hints[key].__name__}, got {value!r}")
     raw["config"] = str((path.parent / raw["config"]).resolve())
-    spec = SweepSpec(**raw, cli_overrides=list(cli_overrides or []), cwd=str(Path.cwd()))
-    if spec.mode not in ("max", "min"):
-        raise ConfigError(f"sweep {path}: mode must be max or min, got {spec.mode!r}")
+    spec = SweepSpec(name=str(raw.pop("name")), config=raw.pop("config"), space={},
+                     cli_overrides=list(cli_overrides or []), cwd=str(Path.cwd()))
+    try:
+        apply_mapping(spec, raw)  # the config system's key and type checks
+    except ConfigError as err:
+        raise ConfigError(f"sweep {path}: {err}") from None
     if spec.workers < 1 or spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ConfigError(f"sweep {path}: workers, num_samples and max_concurrent must be >= 1")
     for key, dist in spec.space.items():
@@ -113,11 +105,11 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     cfg = spec.trial_config({})  # the experiment, the overrides and every swept key must exist and type-check
     for key, dist in spec.space.items():
         kind, args = next(iter(dist.items()))
-        probe = args[0]
-        try:
-            spec.trial_config({key: probe})
-        except ConfigError as err:
-            raise ConfigError(f"sweep {path}: space.{key}: {err}") from None
+        for probe in (args if kind == "choice" else args[:2]):
+            try:
+                spec.trial_config({key: probe})
+            except ConfigError as err:
+                raise ConfigError(f"sweep {path}: space.{key}: {err}") from None
         if spec.evaluate_default and not _inside(_get(cfg, key), kind, args):
             raise ConfigError(f"sweep {path}: the experiment's {key}={_get(cfg, key)} lies outside space.{key}; "
                               "widen the range or set evaluate_default: false")
@@ -157,71 +149,62 @@ def run_trial(params: dict, spec: SweepSpec, sweep_dir: str, parent_run_id: str 
     out = Path(sweep_dir) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(out)
-    cfg.tracking.run_name = f"{spec.name}-{trial_id}"
-    logger = None
-    if cfg.tracking.enabled:
-        from toco.tracking import MLflowLogger
+    tags = {"sweep": spec.name, "trial_id": trial_id}
+    # a resumed trial continues its own MLflow run, nested under the sweep's
+    with tracked_run(cfg, out, f"{spec.name}-{trial_id}", resume=True, tags=tags, parent_run_id=parent_run_id) as run:
+        if spec.workers > 1:
+            from ray.tune.integration.ray_train import TuneReportCallback
 
-        run_id_file = out / "mlflow_run_id"  # a resumed trial continues its own run
-        run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
-        tags = {"sweep": spec.name, "trial_id": trial_id}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id  # what makes it a nested run in the MLflow UI
-        logger = MLflowLogger(cfg, run_id=run_id, tags=tags)
-        run_id_file.write_text(logger.run_id)
-    if spec.workers > 1:
-        from ray.tune.integration.ray_train import TuneReportCallback
+            # Ray Train restores from its own storage (same path and name) when Tune resumes this trial
+            fit_distributed(cfg, spec.workers, spec.gpus_per_worker, run.run_id, storage_path=out / "ray",
+                            name="train", fresh=False, callbacks=[TuneReportCallback()])
+        else:
+            def report(path: Path | None, metrics: dict, iteration: int) -> None:
+                with checkpoint_folder(path) as folder:
+                    tune.report(dict(metrics, iteration=iteration),
+                                checkpoint=tune.Checkpoint.from_directory(folder))
 
-        # Ray Train restores from its own storage (same path and name) when Tune resumes this trial
-        fit_distributed(cfg, spec.workers, spec.gpus_per_worker, logger.run_id if logger else None,
-                        storage_path=out / "ray", name="train", fresh=False, callbacks=[TuneReportCallback()])
-    else:
-        def report(path: Path | None, metrics: dict, iteration: int) -> None:
-            with checkpoint_folder(path) as folder:
-                tune.report(dict(metrics, iteration=iteration), checkpoint=tune.Checkpoint.from_directory(folder))
-
-        restored = tune.get_checkpoint()
-        with restored.as_directory() if restored else nullcontext(None) as folder:
-            trainer = Trainer(cfg, logger, Path(folder) / CHECKPOINT_FILE if folder else None, on_checkpoint=report)
-        trainer.fit()
-    if logger:
-        logger.end()
-
-
-def _trial_done(sweep_dir: Path, trial_id: str) -> Path:
-    folder = sweep_dir / "trials" / trial_id
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "done"
+            restored = tune.get_checkpoint()
+            with restored.as_directory() if restored else nullcontext(None) as folder:
+                trainer = Trainer(cfg, run.logger, Path(folder) / CHECKPOINT_FILE if folder else None,
+                                  on_checkpoint=report)
+            trainer.fit()
 
 
 def _trial_run_id(sweep_dir: Path, trial_id: str) -> str | None:
-    path = sweep_dir / "trials" / trial_id / "mlflow_run_id"
-    return path.read_text().strip() if path.exists() else None
+    return read_run_id(sweep_dir / "trials" / trial_id)
 
 
-def _close_trial_runs_callback(tracking_uri: str, sweep_dir: Path, max_iters: int):
-    """A Tune callback on the driver that ends a trial's MLflow run (ASHA stops a trial by ending its actor, so
-    the trial never closes its own run) and marks the trial done (Tune does not tell an interrupted sweep apart)."""
+def _trial_callback(tracking_uri: str | None, sweep_dir: Path, max_iters: int, num_samples: int):
+    """A Tune callback on the driver: a progress bar of trials done, and the end of a trial's MLflow run (ASHA
+    stops a trial by ending its actor, so the trial never closes its own run)."""
     from ray import tune
+    from tqdm import tqdm
 
     from toco.tracking import end_run
 
-    class CloseTrialRuns(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
+    class TrialsDone(tune.Callback):
+        bar = None  # made on the first trial that ends (Tune pickles the callback with its state)
+
+        def __getstate__(self):
+            return {}
+
+        def _done(self, trial, status: str, tags: dict | None = None):
             run_id = _trial_run_id(sweep_dir, trial.trial_id)
-            if run_id:
-                reached = int((trial.last_result or {}).get("iteration", 0))
-                end_run(tracking_uri, run_id, "FINISHED",
-                        {"stopped_at_iteration": reached, "early_stopped": reached < max_iters})
-            _trial_done(sweep_dir, trial.trial_id).touch()
+            if run_id and tracking_uri:
+                end_run(tracking_uri, run_id, status, tags)
+            if self.bar is None:
+                self.bar = tqdm(total=num_samples, desc="sweep", unit="trial", dynamic_ncols=True)
+            self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            reached = int((trial.last_result or {}).get("iteration", 0))
+            self._done(trial, "FINISHED", {"stopped_at_iteration": reached, "early_stopped": reached < max_iters})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = _trial_run_id(sweep_dir, trial.trial_id)
-            if run_id:
-                end_run(tracking_uri, run_id, "FAILED")
-            _trial_done(sweep_dir, trial.trial_id).touch()
+            self._done(trial, "FAILED")
 
-    return CloseTrialRuns()
+    return TrialsDone()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,7 +217,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
 
     sweep_dir = Path(out_dir or Path("runs/sweeps") / spec.name).resolve()
     tune_dir = sweep_dir / "tune"
-    if resume and not tune_dir.exists():
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
         raise ConfigError(f"nothing to resume: {sweep_dir} holds no sweep")
     if tune_dir.exists() and not resume:
         if not restart:
@@ -263,8 +246,10 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
                                run_config=tune.RunConfig(
                                    name="tune", storage_path=str(sweep_dir),
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                   callbacks=[_close_trial_runs_callback(base.tracking.tracking_uri, sweep_dir,
-                                                                         base.train.max_iters)]))
+                                   verbose=0,  # the trials bar instead of Tune's status tables
+                                   callbacks=[_trial_callback(base.tracking.tracking_uri if base.tracking.enabled
+                                                              else None, sweep_dir, base.train.max_iters,
+                                                              spec.num_samples)]))
         results = tuner.fit()
     except BaseException:
         if parent:
@@ -278,21 +263,19 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
     wall_file = sweep_dir / "wall_s"  # a resumed sweep adds its time to the earlier sessions'
     wall = time.perf_counter() - start + (float(wall_file.read_text()) if resume and wall_file.exists() else 0.0)
     wall_file.write_text(f"{wall:.1f}")
-    trial_ids = [Path(r.path).name for r in results if r.path]
-    unfinished = [t for t in trial_ids if not (sweep_dir / "trials" / t / "done").exists()]
+    ended = results.num_terminated + results.num_errors  # Tune's own count of trials that ran to their end
     out_of_time = spec.time_budget_s is not None and wall >= 0.98 * spec.time_budget_s
-    if not out_of_time and (unfinished or len(trial_ids) < spec.num_samples):
-        # Ctrl-C: Tune saved its state and returned early
-        for trial_id in unfinished:
-            run_id = _trial_run_id(sweep_dir, trial_id)
-            if run_id:
-                from toco.tracking import end_run
+    if not out_of_time and ended < spec.num_samples:
+        # Ctrl-C: Tune saved its state and returned early; the runs of the trials it stopped are still open
+        if base.tracking.enabled:
+            from toco.tracking import end_open_runs
 
-                end_run(base.tracking.tracking_uri, run_id, "KILLED")
+            end_open_runs(base.tracking.tracking_uri, [_trial_run_id(sweep_dir, Path(r.path).name)
+                                                       for r in results if r.path], "KILLED")
         if parent:
             parent.end("KILLED")
-        raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - len(trial_ids)} trials "
-                               f"not started and {len(unfinished)} unfinished; "
+        raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - ended} of "
+                               f"{spec.num_samples} trials not finished; "
                                f"continue it: toco sweep <spec> --resume" + (f" --out {out_dir}" if out_dir else ""))
     summary = _summarise(spec, results, sweep_dir, base, wall)
     if parent:
@@ -326,12 +309,9 @@ def _parent_run(base: Config, spec: SweepSpec, sweep_dir: Path):
     """The sweep's MLflow run; a resumed sweep continues its own."""
     from toco.tracking import MLflowLogger
 
-    base = copy.deepcopy(base)
-    base.tracking.run_name = f"sweep {spec.name}"
-    id_file = sweep_dir / "mlflow_parent_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else None
-    parent = MLflowLogger(base, run_id=run_id, tags={"kind": "sweep", "sweep": spec.name})
-    id_file.write_text(parent.run_id)
+    parent = MLflowLogger(base, run_id=read_run_id(sweep_dir), tags={"kind": "sweep", "sweep": spec.name},
+                          run_name=f"sweep {spec.name}")
+    (sweep_dir / RUN_ID_FILE).write_text(parent.run_id)
     return parent
 
 
@@ -356,8 +336,8 @@ def _summarise(spec: SweepSpec, results, sweep_dir: Path, base: Config, wall: fl
         math.isclose(float(r["params"][k]), float(v)) if isinstance(v, (int, float)) else r["params"][k] == v
         for k, v in default.items())), None)
 
-    best_cfg = load_config(spec.config, spec.cli_overrides + [f"{k}={json.dumps(v)}"
-                                                              for k, v in best["params"].items()])
+    # the experiment with the tuned values, not the sweep's shortened schedule
+    best_cfg = load_config(spec.config, {**best["params"], **parse_overrides(spec.cli_overrides)})
     best_cfg.output_dir = f"runs/{spec.name}-best"
     best_cfg.tracking.run_name = f"{spec.name}-best"
     best_yaml = sweep_dir / "best.yaml"

@@ -10,6 +10,7 @@ every metric step is logged once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -28,10 +29,11 @@ def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
     cfg = copy.deepcopy(cfg)
     absolute = lambda p: str((Path(base) / p).resolve())  # noqa: E731 (an absolute `p` stays itself)
     cfg.output_dir = absolute(cfg.output_dir)
-    for section, key in (("data", "root"), ("data", "list_dir"), ("model", "pretrained_file")):
-        value = getattr(getattr(cfg, section), key)
-        if value:
-            setattr(getattr(cfg, section), key, absolute(value))
+    for section in (cfg.data, cfg.model):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("input_path") and value:
+                setattr(section, f.name, absolute(value))
     tracking = cfg.tracking
     tracking.artifact_root = absolute(tracking.artifact_root)
     if tracking.tracking_uri.startswith("sqlite:///"):
@@ -92,11 +94,13 @@ def report_to_ray_train(path: Path | None, metrics: dict[str, float], iteration:
 
 
 class _CrashAfter:
-    """Test aid: wraps rank 0's logger and kills the worker process right after it logged `step`, once
-    (`marker` remembers), playing a worker lost between two checkpoints."""
+    """Test aid (TOCO_TEST_CRASH_AFTER_STEP=<step>:<marker file> in the driver's environment): wraps rank 0's
+    logger and kills the worker process right after it logged `step`, once (the marker remembers), playing a
+    worker lost between two checkpoints."""
 
-    def __init__(self, logger, step: int, marker: str):
-        self.logger, self.step, self.marker = logger, step, Path(marker)
+    def __init__(self, logger, spec: str):
+        step, marker = spec.split(":", 1)
+        self.logger, self.step, self.marker = logger, int(step), Path(marker)
 
     def log_metrics(self, metrics, step):
         self.logger.log_metrics(metrics, step)
@@ -131,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         logger = MLflowLogger(cfg, run_id=config["mlflow_run_id"])
         if config.get("crash_after_step"):
-            logger = _CrashAfter(logger, config["crash_after_step"], config["crash_marker"])
+            logger = _CrashAfter(logger, config["crash_after_step"])
     restored = ray.train.get_checkpoint()  # set after a worker failure (or when Ray restores the run)
     with restored.as_directory() if restored else nullcontext(None) as folder:
         resume = Path(folder) / CHECKPOINT_FILE if folder else config.get("resume")
@@ -142,8 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlflow_run_id: str | None = None,
                     resume: str | Path | None = None, max_failures: int = 2, storage_path: str | Path | None = None,
-                    name: str = "train", fresh: bool = True, callbacks: list | None = None,
-                    crash_after_step: int | None = None, crash_marker: str | None = None):
+                    name: str = "train", fresh: bool = True, callbacks: list | None = None):
     """Run `cfg` on `workers` Ray Train workers; returns Ray's `Result` (metrics of rank 0's last report).
 
     Ray Train keeps its checkpoints under storage_path/name (default output_dir/ray/train) and restores a run it
@@ -162,7 +165,7 @@ def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlf
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
     loop_config = dict(cfg=cfg, resume=str(resume) if resume else None, mlflow_run_id=mlflow_run_id,
-                       crash_after_step=crash_after_step, crash_marker=crash_marker)
+                       crash_after_step=os.environ.get("TOCO_TEST_CRASH_AFTER_STEP"))
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

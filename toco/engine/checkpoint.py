@@ -1,11 +1,20 @@
-"""Atomic checkpoints: a killed run never leaves a half-written file behind."""
+"""Checkpoints: atomic saves (a killed run never leaves a half-written file behind), weights-only loads, and a
+readable error when a checkpoint does not fit the model a config describes."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
 import torch
+
+from toco.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used with this config; the message says why."""
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -23,11 +32,25 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint's contents; never unpickles code (`weights_only=True`). CheckpointError for a missing or
+    unreadable file. `mmap` reads tensors only when they are used (a shape check reads almost nothing)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is not a readable weights-only PyTorch file: {reason}") from None
+
+
+def model_weights(state, path: str | Path) -> dict:
+    """The model state dict inside a training checkpoint (or a bare state dict)."""
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model weights (expected a 'model' state dict)")
+    return weights
 
 
 def check_compatible(model: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
@@ -39,7 +62,7 @@ def check_compatible(model: torch.nn.Module, state_dict: dict, path: str | Path)
                   if k in state_dict and state_dict[k].shape != v.shape]
     if not (missing or unexpected or mismatched):
         return
-    lines = [f"checkpoint {path} does not fit this model:"]
+    lines = [f"checkpoint {path} does not fit the model of this config:"]
     if mismatched:
         k, theirs, ours = mismatched[0]
         hint = ""
@@ -47,11 +70,11 @@ def check_compatible(model: torch.nn.Module, state_dict: dict, path: str | Path)
             hint = " (a different number of classes: check data.num_classes)"
         elif k.startswith("encoder"):
             hint = " (a different backbone: check model.backbone / model.backbone_kwargs)"
-        lines.append(f"  {len(mismatched)} tensors differ in shape, e.g. {k}: checkpoint {theirs} vs model {ours}{hint}")
+        lines.append(f"{len(mismatched)} tensors differ in shape, e.g. {k}: checkpoint {theirs} vs model {ours}{hint}")
     if missing or unexpected:
-        lines.append(f"  {len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+        lines.append(f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                      f"(e.g. {unexpected[:2]}): a different backbone?")
-    raise ValueError("\n".join(lines))
+    raise CheckpointError(" ".join(lines))
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> int:
@@ -60,9 +83,44 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> int:
     state = load_checkpoint(checkpoint)
     model = state.get("model") if isinstance(state, dict) else None  # a bare tensor or list is no checkpoint either
     if not isinstance(model, dict):
-        raise ValueError(f"checkpoint {checkpoint} has no 'model' entry: not a toco training checkpoint")
+        raise CheckpointError(f"checkpoint {checkpoint} has no 'model' entry: not a toco training checkpoint")
     encoder = {k.removeprefix("encoder."): v for k, v in model.items() if k.startswith("encoder.")}
     if not encoder:
-        raise ValueError(f"checkpoint {checkpoint} has no encoder.* tensors")
+        raise CheckpointError(f"checkpoint {checkpoint} has no encoder.* tensors")
     save_checkpoint(out, encoder)
     return len(encoder)
+
+
+def checkpoint_config(checkpoint: str | Path, config: str | Path | None = None, overrides=None):
+    """The config a checkpoint was trained with: `config` if given, else the config.yaml the training loop saved
+    beside the checkpoint."""
+    from toco.config import load_config
+
+    if config is None:
+        config = Path(checkpoint).parent / "config.yaml"
+        if not config.is_file():
+            raise CheckpointError(f"no config.yaml beside {checkpoint}: pass the training config")
+    return load_config(config, overrides)
+
+
+def load_trained_model(cfg, checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """The model `cfg` describes with the checkpoint's weights, in eval mode. A checkpoint of another backbone or
+    class count raises CheckpointError naming what differs."""
+    from toco.models import build_model
+
+    weights = model_weights(load_checkpoint(checkpoint), checkpoint)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False), cfg.data.num_classes)
+    check_compatible(model, weights, checkpoint)
+    model.load_state_dict(weights)
+    return model.to(device).eval()
+
+
+def check_checkpoint_fits(cfg, checkpoint: str | Path) -> None:
+    """Fail before any work when a checkpoint does not fit the config's model (built on the meta device: no
+    memory, no weights read twice)."""
+    from toco.models import build_model
+
+    weights = model_weights(load_checkpoint(checkpoint, mmap=True), checkpoint)
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg.model, pretrained=False), cfg.data.num_classes)
+    check_compatible(model, weights, checkpoint)

@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from toco.config import Config, save_config
-from toco.data import EvalDataset, TrainDataset, TrainTransform, build_source, seed_worker
+from toco.data import TrainDataset, TrainTransform, build_source, seed_worker
 from toco.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from toco.engine.evaluate import EvalResult, evaluate
 from toco.engine.optim import build_optimizer
 from toco.engine.step import train_step
 from toco.models import build_model
@@ -28,19 +27,33 @@ from toco.par import PAR
 
 
 class Logger(Protocol):
+    """Where a run's numbers and files go (toco.tracking.MLflowLogger, or NullLogger)."""
+    run_id: str | None
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_params(self, params: dict) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_evaluation(self, result: EvalResult, class_names: list[str], step: int, out_dir: Path) -> None: ...
+    def log_evaluation(self, folder: Path, metrics: dict[str, float], per_class_iou: dict, step: int, prefix: str,
+                       artifact_path: str | None = None) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
 
 
 class NullLogger:
+    """The Logger of a run without tracking."""
+    run_id = None
+
     def log_metrics(self, metrics, step):
+        pass
+
+    def log_params(self, params):
         pass
 
     def log_artifact(self, path, artifact_path=None):
         pass
 
-    def log_evaluation(self, result, class_names, step, out_dir):
+    def log_evaluation(self, folder, metrics, per_class_iou, step, prefix, artifact_path=None):
+        pass
+
+    def end(self, status="FINISHED"):
         pass
 
 
@@ -110,17 +123,16 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def build_loaders(cfg: Config, start_iter: int = 0, rank: int = 0, world: int = 1):
+    """(training batches from iteration `start_iter` on, for this rank; the validation source)."""
     train_source = build_source(cfg.data, cfg.data.train_split)
-    val_source = build_source(cfg.data, cfg.data.val_split)
+    val_source = build_source(cfg.data, cfg.train.val_split or cfg.data.val_split)
     d = cfg.data
     train_set = SeededSamples(TrainDataset(train_source, TrainTransform(
         d.crop_size, d.rescale_range, d.local_crop_size, legacy_bugs=cfg.legacy_bugs)), cfg.train.seed)
     sampler = EpochBatches(len(train_set), cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
     train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=d.num_workers,
                               worker_init_fn=seed_worker, persistent_workers=d.num_workers > 0)
-    val_set = EvalDataset(val_source, d.val_size)
-    val_loader = DataLoader(val_set, batch_size=1, num_workers=min(d.num_workers, 1))
-    return train_loader, val_loader, train_source.class_names
+    return train_loader, val_source
 
 
 class Trainer:
@@ -171,7 +183,7 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        train_loader, val_loader, class_names = build_loaders(cfg, self.iteration, self.rank, self.world)
+        train_loader, val_source = build_loaders(cfg, self.iteration, self.rank, self.world)
         self.model.train()
         window: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
@@ -208,7 +220,7 @@ class Trainer:
                 latest.update(logged)
                 window, tick, tick_iter = {}, time.perf_counter(), self.iteration
             if self.iteration % train_cfg.eval_every == 0 or self.iteration == train_cfg.max_iters:
-                metrics = self._evaluate(val_loader, class_names)
+                metrics = self._evaluate(val_source)
                 latest.update(metrics)
             if self.iteration % train_cfg.ckpt_every == 0 or self.iteration == train_cfg.max_iters:
                 path = self.out_dir / "last.pt" if self.is_main else None
@@ -217,25 +229,33 @@ class Trainer:
                 if self.on_checkpoint:
                     self.on_checkpoint(path, dict(latest, best_miou_seg=self.best_miou), self.iteration)
         progress.close()
-        if self.is_main:
+        if self.is_main:  # what a user needs: the resumable last state and the best weights (docs/tracking.md)
             self.logger.log_artifact(self.out_dir / "last.pt", "checkpoints")
             if (self.out_dir / "best.pt").exists():
                 self.logger.log_artifact(self.out_dir / "best.pt", "checkpoints")
         return TrainOutcome(self.iteration, metrics, self.best_miou, self.out_dir)
 
-    def _evaluate(self, val_loader, class_names) -> dict[str, float]:
+    def _evaluate(self, val_source) -> dict[str, float]:
+        """In-training validation (docs/method.md §5.1) into out_dir/eval/iter_<N>/ and the logger."""
+        from toco.evaluation import evaluate_model, write_results
+
         if not self.is_main:
             return {}
-        result = evaluate(self.model, val_loader, self.cfg.data.num_classes, self.cfg.pseudo, self.device,
-                          limit=self.cfg.train.val_limit, keep=6)
-        miou = result.metrics["val/miou_seg"]
-        if miou > self.best_miou:
-            self.best_miou = miou
-            save_checkpoint(self.out_dir / "best.pt", self.state())
-        self.logger.log_metrics(result.metrics, self.iteration)
-        self.logger.log_evaluation(result, class_names, self.iteration, self.out_dir)
-        tqdm.write(f"[iter {self.iteration}] " + "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
-        return result.metrics
+        cfg = self.cfg
+        scores, samples = evaluate_model(self.model, cfg, val_source, limit=cfg.train.val_limit,
+                                         num_workers=min(cfg.data.num_workers, 1))
+        folder = self.out_dir / "eval" / f"iter_{self.iteration:06d}"
+        summary = write_results(folder, scores, samples, val_source.class_names,
+                                dict(iteration=self.iteration, split=cfg.train.val_split or cfg.data.val_split))
+        metrics = {f"val/{k}": v for k, v in summary["metrics"].items()}
+        if metrics["val/miou_seg"] > self.best_miou:  # the best weights only: a third of a resumable checkpoint
+            self.best_miou = metrics["val/miou_seg"]
+            save_checkpoint(self.out_dir / "best.pt", dict(model=self.model.state_dict(), iteration=self.iteration,
+                                                           miou_seg=self.best_miou))
+        self.logger.log_evaluation(folder, summary["metrics"], {"seg": summary["per_class_iou"]["seg"]}, self.iteration,
+                                   prefix="val/", artifact_path=f"eval/iter_{self.iteration:06d}")
+        tqdm.write(f"[iter {self.iteration}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
 
 
 __all__ = ["Trainer", "TrainOutcome", "NullLogger", "EpochBatches", "SeededSamples"]

@@ -1,0 +1,132 @@
+"""The command line as a user meets it: one line and exit status 2 for every mistake, checked before any MLflow
+run is opened; progress, versions and resolved configs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toco.cli import main
+from toco.config import save_config
+from toco.engine.checkpoint import save_checkpoint
+
+
+def _fail(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    message = err.strip().splitlines()[-1]  # after any progress bar
+    assert message.startswith(f"toco {argv[0]}: "), err
+    return message
+
+
+@pytest.fixture
+def store(tiny_cfg, tmp_path):
+    """The tiny config with its own MLflow store, saved as a file."""
+    tiny_cfg.tracking.tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    tiny_cfg.tracking.artifact_root = str(tmp_path / "mlruns" / "artifacts")
+    tiny_cfg.output_dir = str(tmp_path / "run")
+    save_config(tiny_cfg, tmp_path / "tiny.yaml")
+    return tmp_path / "tiny.yaml"
+
+
+def _runs(tiny_cfg) -> list:
+    import mlflow
+
+    if not Path(tiny_cfg.tracking.tracking_uri.removeprefix("sqlite:///")).exists():
+        return []
+    client = mlflow.MlflowClient(tiny_cfg.tracking.tracking_uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.name=voc", "data.root=nowhere/VOC2012", "data.num_classes=21"], "nowhere/VOC2012: dataset root folder not found"),
+    (["model.pooling=max"], "model.pooling': 'max' is not one of ['gmp', 'gap']"),
+    (["model.pretrained=true", "model.pretrained_file=missing.pt"], "model.pretrained_file 'missing.pt' does not exist"),
+    (["data.num_classes=200"], "synthetic num_classes"),
+    (["model.backbone=vit_nonexistent"], "model.backbone 'vit_nonexistent'"),
+    (["train.max_iters=many"], "train.max_iters"),
+])
+def test_a_mistake_in_train_is_one_line_and_leaves_no_run_behind(store, tiny_cfg, capsys, overrides, message):
+    assert message in _fail(["train", str(store), *overrides], capsys)
+    assert _runs(tiny_cfg) == []
+
+
+def test_a_resume_checkpoint_that_does_not_fit_is_one_line(store, tiny_cfg, tiny_model, tmp_path, capsys):
+    save_checkpoint(tmp_path / "other.pt", dict(model=tiny_model.state_dict()))
+    message = _fail(["train", str(store), "--resume", str(tmp_path / "other.pt"), "data.num_classes=4"], capsys)
+    assert "does not fit" in message and "data.num_classes" in message
+    assert "does not exist" in _fail(["train", str(store), "--resume", str(tmp_path / "none.pt")], capsys)
+    assert _runs(tiny_cfg) == []
+
+
+def test_a_dataset_error_in_eval_is_one_line(store, tiny_model, tmp_path, capsys):
+    save_checkpoint(tmp_path / "last.pt", dict(model=tiny_model.state_dict()))
+    message = _fail(["eval", str(store), "--checkpoint", str(tmp_path / "last.pt"), "data.name=voc",
+                     "data.root=nowhere", "data.num_classes=5"], capsys)
+    assert "nowhere" in message
+
+
+def test_data_check_lists_every_bad_file(tmp_path, capsys):
+    from toco.data.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "data", n_train=4, n_val=2, size=16, num_classes=5, seed=0)
+    (root / "JPEGImages" / "synth_train_000001.png").write_bytes(b"broken")
+    (root / "SegmentationClassAug" / "synth_val_000000.png").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "check", "experiments/synthetic.yaml", f"data.root={root}"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    bad = [line for line in captured.err.splitlines() if line.startswith("bad: ")]
+    assert len(bad) == 2 and "synth_train_000001.png" in bad[0] and "synth_val_000000.png" in bad[1]
+    assert "train: 3 of 4 samples OK" in captured.out and "val: 1 of 2 samples OK" in captured.out
+
+
+def test_data_synth_checks_its_arguments_before_making_folders(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert "num_classes" in _fail(["data", "synth", "--out", str(out), "--num-classes", "500"], capsys)
+    assert "size" in _fail(["data", "synth", "--out", str(out), "--size", "8"], capsys)
+    assert ">= 0" in _fail(["data", "synth", "--out", str(out), "--train", "-1"], capsys)
+    assert not out.exists()
+
+
+def test_toco_debug_shows_the_traceback(tmp_path):
+    command = [sys.executable, "-m", "toco.cli", "config", "show", str(tmp_path / "missing.yaml")]
+    plain = subprocess.run(command, capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and "does not exist" in plain.stderr
+    debug = subprocess.run(command, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                          "TOCO_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_version_and_the_resolved_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("toco ")
+    main(["config", "show", "experiments/synthetic.yaml", "optim.lr=0.001"])
+    import yaml
+
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.001 and shown["model"]["pooling"] == "gap"
+    assert Path(shown["model"]["pretrained_file"]).is_absolute()
+
+
+def test_every_flag_has_help_and_enumerated_flags_have_choices():
+    from toco.cli import build_parser
+
+    def walk(parser):
+        for action in parser._actions:
+            if hasattr(action, "choices") and isinstance(action.choices, dict):  # subcommands
+                for sub in action.choices.values():
+                    yield from walk(sub)
+            elif action.dest != "help":
+                yield parser.prog, action
+
+    actions = list(walk(build_parser()))
+    assert len(actions) > 40
+    for prog, action in actions:
+        assert action.help, f"{prog} {action.option_strings or action.dest} has no help text"
+    crf_backend = next(a for p, a in actions if "--crf-backend" in a.option_strings)
+    assert set(crf_backend.choices) == {"auto", "cpu", "cuda", "pydensecrf", "exact"}

@@ -66,12 +66,16 @@ TOCO_HD void embed_point(const float* f, int32_t* keys, float* weights) {
   const float up_factor = float(D + 1);
 
   // Elevate onto the hyperplane sum(x) = 0 (the matrix E of Adams et al. p.5), in O(D).
+  // The multiply-adds are explicit fmaf: left to themselves, gcc and nvcc fuse them differently, and the keys
+  // (hence the lattice's vertices) must come out bit for bit the same on the CPU and the GPU. After this loop the
+  // keys depend only on subtractions, comparisons and exact integer products, which no fusion changes; fusion
+  // can still move the barycentric weights by an ulp.
   float elevated[D + 1];
   float sm = 0.0f;
   for (int j = D; j > 0; --j) {
-    const float cf = f[j - 1] * (inv_std_dev / sqrtf(float((j + 1) * j)));
-    elevated[j] = sm - j * cf;
-    sm += cf;
+    const float scale = inv_std_dev / sqrtf(float((j + 1) * j));
+    elevated[j] = fmaf(-float(j), f[j - 1] * scale, sm);
+    sm = fmaf(f[j - 1], scale, sm);
   }
   elevated[0] = sm;
 

@@ -1,7 +1,13 @@
 """Bilateral filter backends (toco/filters.py, csrc/): the lattice against the exact O(N^2) sum, its algebra
 (linearity, symmetry, adjoint), autograd, fallbacks, and the CUDA build."""
+import importlib
+import os
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,30 +136,150 @@ def test_fast_filter_backward_is_the_filter_of_the_gradient(cpu_ext):
     assert torch.allclose(vals.grad, filt(grad_out), atol=1e-6)
 
 
-def test_backend_resolution_and_fallback(cpu_ext, monkeypatch):
+def broken(reason: str):
+    """A stand-in for kernels.load_cpu / load_cuda whose build failed."""
+    def load():
+        raise kernels.KernelBuildError(reason)
+    return load
+
+
+def test_backend_resolution(cpu_ext):
     cpu = torch.device("cpu")
     assert filters.resolve_backend("auto", cpu) == "cpu"
+    assert filters.resolve_backend("cpu", cpu) == "cpu"
     assert filters.resolve_backend("exact", cpu) == "exact"
     with pytest.raises(ValueError, match="needs tensors on a GPU"):
         filters.resolve_backend("cuda", cpu)
     with pytest.raises(ValueError, match="unknown bilateral filter backend"):
         bilateral_filter(torch.zeros(1, 3, 2, 2), torch.zeros(1, 1, 2, 2), 1.0, 1.0, "bogus")
-    # an extension that cannot be built degrades to the exact filter
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
-    assert filters.resolve_backend("cpu", cpu) == "exact"
-    assert filters.resolve_backend("auto", cpu) == "exact"
+
+
+def test_a_named_backend_that_cannot_build_fails_with_the_build_error(monkeypatch):
+    monkeypatch.setattr(kernels, "load_cpu", broken("cc1plus: out of memory"))
+    monkeypatch.setattr(kernels, "load_cuda", broken("nvcc fatal: unsupported gpu architecture"))
+    with pytest.raises(kernels.KernelBuildError, match="cc1plus: out of memory"):
+        filters.resolve_backend("cpu", torch.device("cpu"))
+    with pytest.raises(kernels.KernelBuildError, match="unsupported gpu architecture"):
+        filters.resolve_backend("cuda", torch.device("cuda"))  # a device name is enough: nothing runs on it
+    img, vals = torch.rand(1, 3, 4, 4) * 255, torch.rand(1, 2, 4, 4)
+    with pytest.raises(kernels.KernelBuildError, match="cc1plus"):
+        bilateral_filter(img, vals, 2.0, 15.0, "cpu")
+    with pytest.raises(kernels.KernelBuildError, match="cc1plus"):
+        Lattice(lattice_features(img, 2.0, 15.0), "cpu")
+
+
+def test_auto_falls_back_with_one_warning_naming_the_backend_it_runs(cpu_ext, monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(kernels, "load_cuda", broken("nvcc: no such file (auto-to-cpu test)"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # only resolve_backend's own bookkeeping may keep the second one quiet
+        assert filters.resolve_backend("auto", gpu) == "cpu"
+        assert filters.resolve_backend("auto", gpu) == "cpu"
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    assert "nvcc: no such file (auto-to-cpu test)" in str(caught[0].message)
+    assert "falls back to 'cpu'" in str(caught[0].message)
+
+    monkeypatch.setattr(kernels, "load_cpu", broken("no compiler (auto-to-exact test)"))
+    with pytest.warns(RuntimeWarning, match=r"(?s)no compiler \(auto-to-exact test\).*falls back to 'exact'"):
+        assert filters.resolve_backend("auto", torch.device("cpu")) == "exact"
+    with pytest.warns(RuntimeWarning) as both:
+        assert filters.resolve_backend("auto", gpu, last_resort="pydensecrf") == "pydensecrf"
+    assert len(both) == 1  # one warning for the whole chain, with each reason
+    assert all(s in str(both[0].message) for s in ["nvcc: no such", "no compiler", "falls back to 'pydensecrf'"])
     img, vals = photo("astronaut", 16), torch.rand(1, 2, 16, 16)
-    assert torch.equal(bilateral_filter(img, vals, 4.0, 15.0, "cpu"), bilateral_filter(img, vals, 4.0, 15.0, "exact"))
+    assert torch.equal(bilateral_filter(img, vals, 4.0, 15.0, "auto"), bilateral_filter(img, vals, 4.0, 15.0, "exact"))
 
 
-def test_failed_build_warns_once_and_returns_none(monkeypatch):
-    def broken():
-        raise kernels.KernelBuildError("no compiler here")
+def test_a_build_is_tried_once_and_its_failure_raised_again():
+    calls = []
 
-    quiet = kernels._quiet(broken)
-    with pytest.warns(RuntimeWarning, match="no compiler here"):
-        assert quiet() is None
-    assert quiet() is None  # cached: no second warning, no second build
+    def failing():
+        calls.append(1)
+        raise kernels.KernelBuildError("ld: cannot find -lc10")
+
+    load = kernels._once(failing)
+    for _ in range(3):
+        with pytest.raises(kernels.KernelBuildError, match="cannot find -lc10"):
+            load()
+    assert len(calls) == 1
+    module = object()
+    load = kernels._once(lambda: calls.append(2) or module)
+    assert load() is module and load() is module and calls.count(2) == 1
+
+
+def test_cuda_arches_come_from_the_visible_gpu_else_torch_cuda_arch_list(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for listed, arches in [("", ["80"]), ("  ", ["80"]), ("9.0", ["90"]), ("8.0;9.0+PTX", ["80", "90"]),
+                           ("10.0 9.0,8.6", ["86", "90", "100"]), ("9.0a", ["90a"])]:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)
+        assert kernels.cuda_arches() == arches, listed
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert kernels.cuda_arches() == ["80"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0;Hopper")
+    with pytest.raises(kernels.KernelBuildError, match="TORCH_CUDA_ARCH_LIST: 'Hopper' is not a compute capab"):
+        kernels.cuda_arches()
+    # a visible GPU decides, whatever the variable says: an H200 is compute capability 9.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    assert kernels.cuda_arches() == ["90"]
+    assert kernels.cuda_arch_flags(["90"]) == ["-gencode=arch=compute_90,code=sm_90",
+                                               "-gencode=arch=compute_90,code=compute_90"]
+    assert kernels.cuda_arch_flags(["80", "90"])[-1] == "-gencode=arch=compute_90,code=compute_90"
+
+
+def test_cuda_build_is_named_after_its_arches(monkeypatch, tmp_path):
+    """The arches are in the build directory's name (the cache key on disk) and in the nvcc flags."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kernels, "_cpp_extension", lambda: SimpleNamespace())
+    builds = []
+    monkeypatch.setattr(kernels, "_load", lambda name, sources, what, time, **kw: builds.append((name, what, kw)))
+    for listed in ["9.0", "8.0;9.0"]:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)
+        kernels.load_cuda.__wrapped__()  # the builder itself: load_cuda would remember the first outcome
+    (sm90, what, flags), (both, _, both_flags) = builds
+    assert sm90 == "toco_permutohedral_cuda_sm90" and both == "toco_permutohedral_cuda_sm80_sm90"
+    assert "sm_90" in what
+    assert "-gencode=arch=compute_90,code=sm_90" in flags["extra_cuda_cflags"]
+    assert "-gencode=arch=compute_80,code=sm_80" in both_flags["extra_cuda_cflags"]
+
+
+def test_first_use_compile_says_so_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    loads = []
+    monkeypatch.setattr(kernels, "_cpp_extension", lambda: SimpleNamespace(load=lambda **kw: loads.append(kw)))
+    source = kernels.CSRC / "permutohedral_cpu.cpp"
+
+    def load():
+        kernels._load("toco_probe", [source], "probe kernel", "7 s")
+        return capsys.readouterr().err
+
+    assert load().strip() == "compiling the probe kernel (first use, about 7 s)..."
+    built = tmp_path / "toco" / "toco_probe" / "toco_probe.so"
+    built.touch()
+    assert load() == ""  # built and newer than its sources: cpp_extension only imports it
+    old = source.stat().st_mtime - 10
+    os.utime(built, (old, old))  # a source edited since the build: it compiles again
+    assert "compiling the probe kernel" in load()
+    assert len(loads) == 3 and loads[0]["build_directory"] == str(built.parent)
+
+
+def test_cpp_extension_import_hides_the_no_cuda_runtime_line(tmp_path):
+    """On a machine with a CUDA toolkit but no usable GPU, importing torch.utils.cpp_extension logs "No CUDA
+    runtime is found": kernels._cpp_extension imports it without that line."""
+    (tmp_path / "bin").mkdir()
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    run = lambda code: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      cwd=Path(__file__).parent.parent, timeout=300)
+    plain = run("import torch.utils.cpp_extension")
+    assert plain.returncode == 0 and "No CUDA runtime is found" in plain.stderr  # torch does log it here
+    ours = run("from toco import kernels; kernels._cpp_extension()")
+    assert ours.returncode == 0, ours.stderr
+    assert "No CUDA runtime" not in ours.stderr + ours.stdout
 
 
 def test_gaussian_blur_is_the_exact_spatial_gaussian(cpu_ext):
@@ -181,25 +307,137 @@ def test_cuda_extension_compiles_and_imports():
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(scope="module")
+def gpu():
+    """Both extensions, for the tests that need a GPU. Where there is one, nothing they use may be missing: a
+    failed build or a missing scikit-image fails them instead of skipping them."""
+    importlib.import_module("skimage.data")  # the photographs: missing here, it must fail the tests, not skip them
+
+    return kernels.load_cpu(), kernels.load_cuda()
+
+
+def random_features(d: int, n: int = 3000, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """(batch, n, d) float32 features: Gaussian clouds around a few centres, so that points share simplices."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(batch, 8, d, generator=g) * 4
+    pick = torch.randint(0, 8, (batch, n), generator=g)
+    return centres[torch.arange(batch)[:, None], pick] + torch.randn(batch, n, d, generator=g)
+
+
+def feature_set(name: str) -> torch.Tensor:
+    """Lattice features made on the CPU: the CUDA lattice gets the very same float32 bits (.cuda() copies them)."""
+    if name.startswith("random-"):
+        return random_features(int(name[-1]))
+    img = torch.cat([photo("astronaut"), photo("coffee")])
+    return {"spatial-sxy1": lambda: lattice_features(img, 1.0, None),  # the CRF's spatial kernel (D=2)
+            "spatial-sxy5": lambda: lattice_features(img, 5.0, None),
+            "bilateral-loss": lambda: lattice_features(img, SIGMA_XY, SIGMA_RGB),  # the DenseCRF loss (D=5)
+            "bilateral-crf": lambda: lattice_features(img, 121.0 * SIZE / 500, 5.0)}[name]()
+
+
+FEATURE_SETS = [f"random-{d}" for d in range(1, 7)] + ["spatial-sxy1", "spatial-sxy5", "bilateral-loss",
+                                                      "bilateral-crf"]
+
+
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_lattice_matches_cpu_lattice(cpu_ext):
+@pytest.mark.parametrize("name", FEATURE_SETS)
+def test_cuda_lattice_has_the_cpu_lattices_vertices_and_values(gpu, name):
+    """Same features -> the same simplices on both builds (the shared header computes the keys with explicit
+    fmaf, so compiler fusion cannot move them), hence the same number of vertices; the values differ only by
+    float rounding (summation order, fused multiply-adds in the weights)."""
+    feats = feature_set(name)
+    b, n, d = feats.shape
+    vals = torch.rand(b, 5, n, generator=torch.Generator().manual_seed(1))
+    on_cpu, on_gpu = Lattice(feats, "cpu"), Lattice(feats.cuda(), "cuda")
+    assert on_gpu.num_vertices == on_cpu.num_vertices
+    assert on_cpu.num_vertices >= d + 1  # a real lattice, not an empty one
+    for mode in filters.FILTER_MODES:
+        expected = on_cpu.filter(vals, mode)
+        got = on_gpu.filter(vals.cuda(), mode)
+        assert got.is_cuda and got.dtype == torch.float32
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_lattice_matches_cpu_lattice(gpu):
+    """Through bilateral_filter, with the features computed on each device (which may differ in the last bit)."""
     img = torch.cat([photo("astronaut"), photo("coffee")])
     vals = torch.cat([smooth_probs(6, seed=0), smooth_probs(6, seed=1)]).float()
     on_cpu = bilateral_filter(img, vals, SIGMA_XY, SIGMA_RGB, "cpu")
     on_gpu = bilateral_filter(img.cuda(), vals.cuda(), SIGMA_XY, SIGMA_RGB, "cuda")
     assert on_gpu.is_cuda
-    assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4  # the same lattice: only the summation order differs
-    feats = lattice_features(img, SIGMA_XY, SIGMA_RGB)
-    for mode in ["forward", "reverse", "symmetric"]:
-        a = Lattice(feats, "cpu").filter(vals.reshape(2, 6, -1), mode)
-        b = Lattice(feats.cuda(), "cuda").filter(vals.cuda().reshape(2, 6, -1), mode).cpu()
-        assert rel_err(b, a) < 1e-4, mode
+    assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4  # the same lattice: only the rounding differs
 
 
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_filter_algebra_and_autograd():
+def test_cuda_lattice_pre_post_scale_and_out(gpu):
+    g = torch.Generator().manual_seed(0)
+    feats = lattice_features(photo("coffee", 24), 6.0, 12.0)
+    x, pre, post = torch.rand(1, 5, 576, generator=g), torch.rand(1, 576, generator=g), torch.rand(1, 576, generator=g)
+    lat, ref = Lattice(feats.cuda(), "cuda"), Lattice(feats, "cpu")
+    xc, prec, postc = x.cuda(), pre.cuda(), post.cuda()
+    for mode in filters.FILTER_MODES:
+        out = torch.ones(1, 5, 576, device="cuda")
+        result = lat.filter(xc, mode, 2.5, prec, postc, out=out)
+        assert result.data_ptr() == out.data_ptr()  # added into `out` in place
+        expected = 1 + 2.5 * postc[:, None] * lat.filter(xc * prec[:, None], mode)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # pre and post on another device are moved to the lattice's; without `out` the result is new
+        fresh = lat.filter(xc, mode, 2.5, pre, post)
+        assert fresh.is_cuda and fresh.data_ptr() != out.data_ptr()
+        torch.testing.assert_close(fresh + 1, out, rtol=1e-5, atol=1e-5)
+        # the same fused call on the CPU lattice
+        out_cpu = torch.ones(1, 5, 576)
+        ref.filter(x, mode, 2.5, pre, post, out=out_cpu)
+        torch.testing.assert_close(out.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="out must be on cuda"):
+        lat.filter(xc, out=torch.zeros(1, 5, 576))
+    with pytest.raises(RuntimeError, match="out must be a contiguous float32"):
+        lat.filter(xc, out=torch.zeros(1, 5, 576, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("name", ["spatial-sxy1", "bilateral-loss"])
+def test_cuda_lattice_is_bitwise_repeatable(gpu, name):
+    """The GPU build inserts vertices with atomicCAS, so which slot, hence which number, a vertex gets varies from
+    build to build; but every sum is a gather in a fixed order (splat over entries sorted stably by vertex, blur
+    over the +/- neighbours, slice over the simplex's vertices): no float atomics, so the output does not vary.
+    The D=2, sigma 1 feature set has the most vertices and hash collisions."""
+    feats = feature_set(name).cuda()
+    vals = torch.rand(feats.shape[0], 7, feats.shape[1], generator=torch.Generator().manual_seed(2)).cuda()
+    lattices = [Lattice(feats, "cuda") for _ in range(3)]
+    assert len({lat.num_vertices for lat in lattices}) == 1
+    for mode in filters.FILTER_MODES:
+        first = lattices[0].filter(vals, mode)
+        for lat in lattices:
+            assert torch.equal(lat.filter(vals, mode), first), mode
+            out = torch.zeros_like(vals)
+            lat.filter(vals, mode, 1.0, out=out)
+            assert torch.equal(out, first), mode
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_bilateral_filter_and_its_gradient_are_bitwise_repeatable(gpu):
+    img = torch.cat([photo("astronaut"), photo("chelsea")]).cuda()
+    vals = torch.cat([smooth_probs(4, seed=0), smooth_probs(4, seed=1)]).float().cuda()
+    grad = torch.randn(vals.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    runs = []
+    for _ in range(2):
+        v = vals.clone().requires_grad_()
+        out = BilateralFilter(img, SIGMA_XY, SIGMA_RGB, backend="cuda")(v)
+        out.backward(grad)
+        runs.append((out.detach(), v.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_filter_algebra_and_autograd(gpu):
     torch.manual_seed(0)
     img = photo("chelsea", 32).cuda()
     filt = BilateralFilter(img, 7.0, 15.0, backend="auto")
@@ -211,3 +449,21 @@ def test_cuda_filter_algebra_and_autograd():
     assert torch.allclose(vals.grad, filt(y), atol=1e-5)
     exact = bilateral_filter(img, x.double(), 7.0, 15.0, "exact")
     assert rel_err(filt(x).double(), exact) < 0.25
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_auto_falls_back_to_the_cpu_lattice_for_gpu_tensors(gpu, monkeypatch):
+    # The features are computed on the GPU, which may round them differently in the last bit: hence a tolerance.
+    img, vals = photo("chelsea", 32), torch.rand(1, 3, 32, 32)
+    expected = bilateral_filter(img, vals, 7.0, 15.0, "cpu")
+    from_gpu = bilateral_filter(img.cuda(), vals.cuda(), 7.0, 15.0, "cpu")  # copied to the CPU and back
+    assert from_gpu.is_cuda and rel_err(from_gpu.cpu(), expected) < 1e-4
+    monkeypatch.setattr(kernels, "load_cuda", broken("nvcc: cannot run (gpu fallback test)"))
+    with pytest.warns(RuntimeWarning, match="falls back to 'cpu'"):
+        filt = BilateralFilter(img.cuda(), 7.0, 15.0, backend="auto")
+    assert filt.backend == "cpu"
+    out = filt(vals.cuda())
+    assert out.is_cuda and rel_err(out.cpu(), expected) < 1e-4
+    with pytest.raises(kernels.KernelBuildError, match="gpu fallback test"):
+        BilateralFilter(img.cuda(), 7.0, 15.0, backend="cuda")

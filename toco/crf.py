@@ -11,11 +11,13 @@ pydensecrf's parameterisation:
   by default the spatial kernel is the exact Gaussian instead of its lattice approximation (see `dense_crf`);
 - Potts compatibility: each iteration Q <- softmax(-U + sum_kernels compat * k(Q)).
 
-`pydensecrf_crf` runs pydensecrf itself with the same signature (the reference, and the fallback when no
-native kernel builds).
+`pydensecrf_crf` runs pydensecrf itself with the same signature (the reference, and what backend 'auto' falls
+back to when no native kernel builds and pydensecrf is installed; else it falls back to 'exact'). pydensecrf is
+imported only there.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -44,7 +46,7 @@ def _as_probs(probs) -> torch.Tensor:
     p = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.asarray(probs))
     if p.dim() != 3:
         raise ValueError(f"probs must be (K,H,W), got {tuple(p.shape)}")
-    return p.detach().to(torch.float32)
+    return p.detach().to(torch.float32).contiguous()  # the kernels add into energies laid out like it
 
 
 class _NormalizedKernel:
@@ -80,9 +82,9 @@ class _SpatialGaussian:
     def __init__(self, sxy: float, compat: float, height: int, width: int, device: torch.device, backend: str):
         self.compat, self.size = compat, (height, width)
         self.radius = max(1, math.ceil(4 * sxy))
-        self.native = kernels.cpu_kernels() if backend == "cpu" else None
-        taps = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32, device=device)
-        self.taps = torch.exp(-0.5 * (taps / sxy) ** 2)
+        self.native = kernels.load_cpu() if backend == "cpu" else None  # takes CPU tensors only
+        offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
+        self.taps = torch.exp(-0.5 * (offsets / sxy) ** 2).tolist()
         self.sxy = sxy
         self.norm = torch.rsqrt(self._blur(torch.ones(1, 1, height * width, device=device)))[:, 0]  # (1, N)
 
@@ -90,9 +92,15 @@ class _SpatialGaussian:
         k = q.shape[1]
         if self.native is not None:
             return self.native.gaussian_blur(q.reshape(1, k, *self.size), self.sxy, self.radius).reshape(q.shape)
-        x = q.reshape(k, 1, *self.size)
-        x = F.conv2d(x, self.taps.view(1, 1, 1, -1), padding=(0, self.radius))
-        x = F.conv2d(x, self.taps.view(1, 1, -1, 1), padding=(self.radius, 0))
+        # Sums of shifted copies, not conv2d: on a GPU that may run in TF32 (10-bit mantissa); these stay float32.
+        x = q.reshape(k, *self.size)
+        for dim in (2, 1):  # along rows, then along columns, like the CPU kernel
+            r = self.radius
+            padded = F.pad(x, (r, r) if dim == 2 else (0, 0, r, r))  # zero outside the image
+            blurred = torch.zeros_like(x)
+            for offset, tap in enumerate(self.taps):
+                blurred.add_(padded.narrow(dim, offset, x.shape[dim]), alpha=tap)
+            x = blurred
         return x.reshape(q.shape)
 
     def add_to(self, energy: torch.Tensor, q: torch.Tensor) -> None:
@@ -108,15 +116,17 @@ class _SpatialGaussian:
 def dense_crf_probs(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gauss_compat: float = 1.0,
                     bil_sxy: float = 121.0, bil_srgb: float = 5.0, bil_compat: float = 4.0,
                     backend: str = "auto", exact_spatial: bool = True) -> torch.Tensor:
-    """Mean-field marginals Q (K,H,W) float32 after n_iter iterations; see `dense_crf`."""
+    """Mean-field marginals Q (K,H,W) float32 on probs' device after n_iter iterations; see `dense_crf`."""
     img = _as_image(image)
     p = _as_probs(probs)
     k, h, w = p.shape
     if img.shape[1:] != (h, w):
         raise ValueError(f"image {tuple(img.shape)} and probs {tuple(p.shape)} differ in size")
-    device = p.device
-    img = img.to(device)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, p.device)
+    # The cpu kernels take CPU tensors: with them the whole iteration runs on the CPU, whatever probs' device.
+    out_device = p.device
+    device = torch.device("cpu") if backend == "cpu" else out_device
+    img, p = img.to(device), p.to(device)
     unary = -p.clamp(UNARY_CLIP, 1.0).log().reshape(1, k, h * w)  # (1, K, N)
     if exact_spatial:
         spatial = _SpatialGaussian(gauss_sxy, gauss_compat, h, w, device, backend)
@@ -129,7 +139,7 @@ def dense_crf_probs(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gaus
         for kernel in pairwise:
             kernel.add_to(energy, q)  # Potts: the message -compat * k(Q) enters the energy with a minus sign
         q = torch.softmax(energy, dim=1)
-    return q.reshape(k, h, w)
+    return q.reshape(k, h, w).to(out_device)
 
 
 def dense_crf(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gauss_compat: float = 1.0,
@@ -138,12 +148,15 @@ def dense_crf(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gauss_comp
     """DenseCRF labels (H,W) int64 for an RGB image (H,W,3) uint8 (or a tensor, also (3,H,W), 0-255) and class
     probabilities (K,H,W). Numpy in -> numpy out; a tensor `probs` gives a tensor on its device.
 
-    backend: 'auto' (cuda for GPU tensors, else cpu), 'cpu', 'cuda', 'exact' (O(N^2), small images only) or
-    'pydensecrf'. When no native kernel builds, 'auto' runs pydensecrf. exact_spatial: compute the spatial
-    kernel exactly (a separable convolution; faster, agrees with pydensecrf on ~99.8% of pixels) instead of with
-    pydensecrf's lattice approximation (agrees on ~100%).
+    backend: 'auto' (cuda for GPU tensors, else cpu), 'cpu' (any tensors: they are copied to the CPU and back),
+    'cuda', 'exact' (O(N^2), small images only) or 'pydensecrf'. When no native kernel builds, 'auto' runs
+    pydensecrf if it is installed, else 'exact', and warns once. exact_spatial: compute the spatial kernel exactly
+    (a separable convolution; faster, agrees with pydensecrf on ~99.8% of pixels) instead of with pydensecrf's
+    lattice approximation (agrees on ~100%).
     """
-    if backend == "pydensecrf" or (backend == "auto" and resolve_backend("auto", _device_of(probs)) == "exact"):
+    if backend == "auto":
+        backend = resolve_backend("auto", _device_of(probs), "pydensecrf" if _pydensecrf_installed() else "exact")
+    if backend == "pydensecrf":
         labels = pydensecrf_crf(image, _as_probs(probs).cpu().numpy(), n_iter, gauss_sxy, gauss_compat, bil_sxy,
                                 bil_srgb, bil_compat)
         return labels if not isinstance(probs, torch.Tensor) else torch.from_numpy(labels).to(probs.device)
@@ -155,6 +168,10 @@ def dense_crf(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gauss_comp
 
 def _device_of(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _pydensecrf_installed() -> bool:
+    return importlib.util.find_spec("pydensecrf") is not None
 
 
 def pydensecrf_crf(image, probs, n_iter: int = 10, gauss_sxy: float = 1.0, gauss_compat: float = 1.0,

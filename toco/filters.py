@@ -17,9 +17,11 @@ The lattice's raw output is 0.5-0.65x the exact sum (it is the filter the origin
 backend's output is brought to one scale, the `convention` (CONVENTIONS). The lattice filter used here averages
 the two blur orders, which makes it exactly symmetric (and linear), so its adjoint is itself: `BilateralFilter`
 applies it under an autograd Function whose backward filters the gradient.
-A native build that fails warns once and falls back to `exact`.
+A native backend named explicitly that cannot be built raises `KernelBuildError`; `auto` falls back, warning once.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -90,21 +92,39 @@ def lattice_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float | No
     return feats.reshape(b, feats.shape[1], h * w).transpose(1, 2).contiguous()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will actually run: 'auto' is resolved and an unbuildable native one becomes 'exact'."""
+_warned_fallbacks: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device, last_resort: str = "exact") -> str:
+    """The backend that will actually run for tensors on `device`.
+
+    'cpu' and 'cuda' run as named or raise `kernels.KernelBuildError` with the build's reason. 'auto' takes the
+    first native backend that builds, 'cuda' (GPU tensors only) then 'cpu', else `last_resort`; when that is not
+    its first choice it warns once, naming the backend it falls back to and why.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown bilateral filter backend {backend!r}; choose from {sorted(BACKENDS)}")
-    if backend == "auto":
-        if device.type == "cuda" and kernels.cuda_kernels() is not None:
-            return "cuda"
-        return "cpu" if kernels.cpu_kernels() is not None else "exact"
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend 'cuda' needs tensors on a GPU, got {device}; use 'cpu' or 'auto'")
-        return "cuda" if kernels.cuda_kernels() is not None else "exact"
-    if backend == "cpu":
-        return "cpu" if kernels.cpu_kernels() is not None else "exact"
-    return backend
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs tensors on a GPU, got {device}; use 'cpu' or 'auto'")
+    if backend in ("cpu", "cuda"):
+        kernels.load(backend)
+    if backend != "auto":
+        return backend
+    failures = []
+    for native in (["cuda"] if device.type == "cuda" else []) + ["cpu"]:
+        try:
+            kernels.load(native)
+            chosen = native
+            break
+        except kernels.KernelBuildError as err:
+            failures.append(str(err))
+    else:
+        chosen = last_resort
+    message = "\n".join(failures) + f"\nbackend 'auto' falls back to {chosen!r}"
+    if failures and message not in _warned_fallbacks:
+        _warned_fallbacks.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return chosen
 
 
 class Lattice:
@@ -115,9 +135,7 @@ class Lattice:
     """
 
     def __init__(self, features: torch.Tensor, backend: str = "cpu"):
-        module = {"cpu": kernels.cpu_kernels, "cuda": kernels.cuda_kernels}[backend]()
-        if module is None:
-            raise RuntimeError(f"the {backend} lattice extension is unavailable (see the warning above)")
+        module = kernels.load(backend)  # raises KernelBuildError
         self.work_device = torch.device("cpu") if backend == "cpu" else features.device
         self._lattice = module.build(features.detach().to(self.work_device, torch.float32))
 

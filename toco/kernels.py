@@ -1,21 +1,27 @@
 """Build and load the native kernels in `csrc/` (JIT, `torch.utils.cpp_extension.load`).
 
-The first use compiles the extension (about a minute per source file) into a build directory that is reused
-afterwards: `$TORCH_EXTENSIONS_DIR/toco` when that variable is set, else `~/.cache/toco/ext`. A failed build
-raises `KernelBuildError` with the compiler's reason; `cpu_kernels()` / `cuda_kernels()` turn it into a single
-warning and `None`, which the filter backends treat as "fall back to the exact PyTorch filter".
+The first use compiles an extension into a build directory that is reused afterwards: `$TORCH_EXTENSIONS_DIR/toco`
+when that variable is set, else `~/.cache/toco/ext`. A line on stderr says when a compile starts and about how
+long it takes (about 1 min for the CPU kernel, 2-5 min for the CUDA one, on 2 cores). `load_cpu()` / `load_cuda()`
+return the module or raise `KernelBuildError` with the compiler's reason; a build is tried once per process, and
+a failure is raised again on every later call. What a failed build falls back to is the caller's choice
+(`toco.filters.resolve_backend`).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
-import warnings
+import re
+import sys
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
+DEFAULT_CUDA_ARCH = "8.0"  # with PTX, which newer GPUs run through the driver's JIT
+COMPILE_TIME = {"cpu": "1 min", "cuda": "2-5 min"}  # measured on 2 shared cores (docs/kernels.md)
 
 
 class KernelBuildError(RuntimeError):
@@ -43,27 +49,74 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-def _load(name: str, sources: list[Path], verbose: bool, **kwargs):
-    from torch.utils import cpp_extension
+def _once(build):
+    """Run `build` at most once per process: later calls return its module or raise its KernelBuildError again."""
+    outcome = []
 
+    @functools.wraps(build)
+    def load():
+        if not outcome:
+            try:
+                outcome.append(build())
+            except KernelBuildError as err:
+                outcome.append(err)
+        if isinstance(outcome[0], KernelBuildError):
+            raise outcome[0].with_traceback(None)
+        return outcome[0]
+    return load
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension. Imported on a machine with a CUDA toolkit but no GPU, it logs "No CUDA runtime
+    is found": irrelevant to the CPU kernel and misleading while it compiles, so that line is dropped."""
+    import torch
+
+    if "torch.utils.cpp_extension" in sys.modules or torch.cuda.is_available():
+        from torch.utils import cpp_extension
+        return cpp_extension
+    log = logging.getLogger("torch.utils.cpp_extension")
+    drop = lambda record: not record.getMessage().startswith("No CUDA runtime is found")  # noqa: E731
+    log.addFilter(drop)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(drop)
+    return cpp_extension
+
+
+def _needs_compile(build_dir: Path, name: str, sources: list[Path]) -> bool:
+    """Whether loading will compile: no built module yet, or one older than a source or header."""
+    built = build_dir / f"{name}.so"
+    if not built.exists():
+        return True
+    newest = max(p.stat().st_mtime for p in [*sources, *CSRC.glob("*.h")])
+    return built.stat().st_mtime < newest
+
+
+def _load(name: str, sources: list[Path], what: str, compile_time: str, **kwargs):
     missing = [str(s) for s in sources if not s.exists()]
     if missing:
         raise KernelBuildError(f"kernel sources missing: {missing}")
+    cpp_extension = _cpp_extension()
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    if _needs_compile(build_dir, name, sources):
+        from tqdm import tqdm
+
+        tqdm.write(f"compiling the {what} (first use, about {compile_time})...", file=sys.stderr)
     try:
         return cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
-                                  build_directory=str(build_dir), verbose=verbose, **kwargs)
+                                  build_directory=str(build_dir), **kwargs)
     except Exception as err:  # compiler missing, compile error, import error: all mean "no native kernel"
         raise KernelBuildError(f"building {name} in {build_dir} failed: {err}") from err
 
 
-@functools.lru_cache(maxsize=None)
-def load_cpu(verbose: bool = False):
+@_once
+def load_cpu():
     """Compile (first call) and import the CPU lattice extension; raises KernelBuildError."""
     arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
-    return _load(f"toco_permutohedral_cpu_{_cpu_tag()}", [CSRC / "permutohedral_cpu.cpp"], verbose,
-                 extra_cflags=["-O3", *arch])
+    return _load(f"toco_permutohedral_cpu_{_cpu_tag()}", [CSRC / "permutohedral_cpu.cpp"], "CPU lattice kernel",
+                 COMPILE_TIME["cpu"], extra_cflags=["-O3", *arch])
 
 
 def cuda_home() -> str | None:
@@ -74,25 +127,39 @@ def cuda_home() -> str | None:
     return home
 
 
-def cuda_arch_flags() -> list[str]:
-    """-gencode flags for the visible GPU, else for $TORCH_CUDA_ARCH_LIST, else sm_80 with PTX (runs on newer
-    GPUs through the driver's JIT). Passed explicitly so they are part of the build's cache key."""
+def cuda_arches() -> list[str]:
+    """Compute capabilities to compile for, as nvcc spells them ('90', '90a'), oldest first: those of the visible
+    GPUs, else $TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0' or '8.6+PTX'), else 8.0. Raises KernelBuildError for an
+    entry of TORCH_CUDA_ARCH_LIST that is not a compute capability."""
     import torch
 
     if torch.cuda.is_available():
-        arches = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        found = {"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
     else:
-        listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0").replace(",", ";").replace(" ", ";")
-        arches = [a.replace(".", "").replace("+PTX", "") for a in listed.split(";") if a]
+        listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH
+        found = set()
+        for entry in re.split(r"[;,\s]+", listed):
+            match = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", entry)
+            if entry and not match:
+                raise KernelBuildError(f"TORCH_CUDA_ARCH_LIST: {entry!r} is not a compute capability like 9.0 or "
+                                       f"8.6+PTX (the whole value: {listed!r})")
+            if match:
+                found.add(match[1] + match[2] + match[3])
+    return sorted(found, key=lambda a: (int(re.sub(r"\D", "", a)), a))
+
+
+def cuda_arch_flags(arches: list[str]) -> list[str]:
+    """-gencode flags: machine code for each arch, plus PTX of the newest so that newer GPUs can JIT it."""
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
     return flags + [f"-gencode=arch=compute_{arches[-1]},code=compute_{arches[-1]}"]
 
 
-@functools.lru_cache(maxsize=None)
-def load_cuda(verbose: bool = False):
+@_once
+def load_cuda():
     """Compile (first call) and import the CUDA lattice extension; raises KernelBuildError.
 
-    Compiling needs nvcc (CUDA_HOME) and a CUDA build of torch, not a GPU; running it needs a GPU.
+    Compiling needs nvcc (CUDA_HOME) and a CUDA build of torch, not a GPU; running it needs a GPU. The arches
+    are part of the build directory's name, so builds for different GPUs never overwrite each other.
     """
     import torch
 
@@ -101,27 +168,15 @@ def load_cuda(verbose: bool = False):
         raise KernelBuildError("nvcc not found: set CUDA_HOME to a CUDA toolkit (default /usr/local/cuda)")
     if torch.version.cuda is None:
         raise KernelBuildError("this torch build has no CUDA support; install a CUDA build of torch")
-    from torch.utils import cpp_extension
-
+    arches = cuda_arches()
     # cpp_extension fixes CUDA_HOME at import (possibly from a bare `nvcc` wrapper on PATH); use the checked one.
-    cpp_extension.CUDA_HOME = home
-    return _load("toco_permutohedral_cuda", [CSRC / "permutohedral_cuda.cu"], verbose,
-                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *cuda_arch_flags()])
+    _cpp_extension().CUDA_HOME = home
+    name = "toco_permutohedral_cuda_" + "_".join(f"sm{a}" for a in arches)
+    what = f"CUDA lattice kernel for {', '.join(f'sm_{a}' for a in arches)}"
+    return _load(name, [CSRC / "permutohedral_cuda.cu"], what, COMPILE_TIME["cuda"],
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *cuda_arch_flags(arches)])
 
 
-def _quiet(loader):
-    @functools.lru_cache(maxsize=None)
-    def get():
-        try:
-            return loader()
-        except KernelBuildError as err:
-            warnings.warn(f"{err}\nFalling back to the exact (slow, O(N^2)) PyTorch bilateral filter.",
-                          RuntimeWarning, stacklevel=3)
-            return None
-    return get
-
-
-cpu_kernels = _quiet(load_cpu)
-cpu_kernels.__doc__ = "The CPU extension, or None (with one warning) when it cannot be built."
-cuda_kernels = _quiet(load_cuda)
-cuda_kernels.__doc__ = "The CUDA extension, or None (with one warning) when it cannot be built."
+def load(backend: str):
+    """The extension of a native backend, 'cpu' or 'cuda' (see load_cpu / load_cuda)."""
+    return {"cpu": load_cpu, "cuda": load_cuda}[backend]()

@@ -39,7 +39,11 @@ def run_training(cfg, label: str | None = None, resume: str | None = None, worke
 
     label = label or cfg.tracking.experiment
     check_before_run(cfg, resume, workers)
-    with tracked_run(cfg, cfg.output_dir, run_name(cfg, label), resume=bool(resume)) as run:
+    val_split = cfg.train.val_split or cfg.data.val_split
+    subset = val_split.endswith("_part") or cfg.train.val_limit > 0  # in-training val/ numbers on part of a split
+    tags = {"validation": f"{val_split}" + (f", first {cfg.train.val_limit}" if cfg.train.val_limit else "")
+            + (" (a subset)" if subset else "")}
+    with tracked_run(cfg, cfg.output_dir, run_name(cfg, label), resume=bool(resume), tags=tags) as run:
         if workers > 1:
             from toco.distributed.train import train_on_ray
 

@@ -125,6 +125,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0                     # torch CPU threads; 0 = torch's default
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the network under autocast, losses and filters in fp32
+    compile: bool = False                # torch.compile the encoder (training only)
     val_limit: int = 0                   # evaluate on the first N val images; 0 = all
     val_split: str | None = None         # split validated on during training; None = data.val_split
 

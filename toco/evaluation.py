@@ -580,20 +580,20 @@ def _save_atomically(data: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def subset_note(job: EvalJob, n: int, total: int) -> str | None:
+def subset_note(cfg: Config, split: str | None, n: int, total: int) -> str | None:
     """Why an evaluation's numbers are not those of the whole split: a limit, or a split that is a part of
-    another (COCO's val_part, 4999 of val's 40504 images, which the original validates on during training)."""
-    if job.split is None:
+    another (COCO's val_part, which the original validates on during training)."""
+    if split is None:
         return None
     if n < total:
-        return f"the first {n} of the {total} images of {job.split}"
-    if job.split.endswith("_part"):
-        full = job.split.removesuffix("_part")
+        return f"the first {n} of the {total} images of {split}"
+    if split.endswith("_part"):
+        full = split.removesuffix("_part")
         try:
-            full_n = len(build_source(job.cfg.data, full))
+            full_n = len(build_source(cfg.data, full))
         except DatasetError:
-            return f"{job.split}: a part of {full}"
-        return f"{job.split}: {n} of the {full_n} images of {full}"
+            return f"{split}: a part of {full}"
+        return f"{split}: {n} of the {full_n} images of {full}"
     return None
 
 
@@ -647,7 +647,7 @@ def run_evaluation(job: EvalJob, workers: int = 1, gpus_per_worker: float = 0.0,
         peak = max(peak, result.peak_rss_mib)
     samples = done[0].samples if 0 in done else []
     return EvalOutcome(scores, samples, seconds, scored_now, skipped, shares, probs_bytes, peak,
-                       tuple(source.class_names), subset_note(job, n, total))
+                       tuple(source.class_names), subset_note(job.cfg, job.split, n, total))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def check_before_run(cfg: Config, resume: str | Path | None = None, workers: int
     except (RuntimeError, TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"model.backbone {model_cfg.backbone!r} with {model_cfg.backbone_kwargs}: {err}") from None
     if resume:
-        check_checkpoint_fits(cfg, resume)
+        check_checkpoint_fits(cfg, resume, resumable=True)
     if cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of "
                           f"the {workers} workers")

@@ -53,6 +53,14 @@ def model_weights(state, path: str | Path) -> dict:
     return weights
 
 
+def check_resumable(state, path: str | Path) -> None:
+    """A run resumes from a full training state (last.pt), not from weights alone (best.pt)."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "iteration", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} holds no training state ({', '.join(missing)} missing): resume "
+                              f"from the run's last.pt; best.pt holds the best weights only")
+
+
 def check_compatible(model: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
     """Fail with a readable message when a checkpoint was trained with another backbone or class count."""
     own = model.state_dict()
@@ -115,12 +123,15 @@ def load_trained_model(cfg, checkpoint: str | Path, device: torch.device | str =
     return model.to(device).eval()
 
 
-def check_checkpoint_fits(cfg, checkpoint: str | Path) -> None:
+def check_checkpoint_fits(cfg, checkpoint: str | Path, resumable: bool = False) -> None:
     """Fail before any work when a checkpoint does not fit the config's model (built on the meta device: no
-    memory, no weights read twice)."""
+    memory, no weights read twice), or, `resumable`, holds no training state."""
     from toco.models import build_model
 
-    weights = model_weights(load_checkpoint(checkpoint, mmap=True), checkpoint)
+    state = load_checkpoint(checkpoint, mmap=True)
+    if resumable:
+        check_resumable(state, checkpoint)
+    weights = model_weights(state, checkpoint)
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, pretrained=False), cfg.data.num_classes)
     check_compatible(model, weights, checkpoint)

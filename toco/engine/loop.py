@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from toco.config import Config, save_config
 from toco.data import TrainDataset, TrainTransform, build_source, seed_worker
-from toco.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from toco.engine.checkpoint import check_compatible, check_resumable, load_checkpoint, save_checkpoint
 from toco.engine.optim import build_optimizer
 from toco.engine.step import train_step
 from toco.models import build_model
@@ -112,6 +112,16 @@ class TrainOutcome:
     output_dir: Path
 
 
+def check_finite(totals: list[torch.Tensor], iteration: int) -> None:
+    """Stop loudly on a non-finite loss. Checked at log and checkpoint steps only, so the host waits for the
+    device there and nowhere else; a NaN never reaches a checkpoint."""
+    values = torch.stack(totals)
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        first = iteration - len(totals) + int(bad.nonzero()[0])
+        raise FloatingPointError(f"the loss is {float(values[bad][0])} at iteration {first}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,11 +167,14 @@ class Trainer:
         self.iteration, self.best_miou = 0, -1.0
         if resume:
             self._restore(resume)
+        if cfg.train.compile:  # the encoder's forward as ToCoNet calls it; one graph per input size
+            self.model.encoder.forward_intermediates = torch.compile(self.model.encoder.forward_intermediates)
         # DDP (or another wrapper) goes around the model only for the backward pass
         self.train_model = wrap_model(self.model) if wrap_model else self.model
 
     def _restore(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        check_resumable(state, path)
         check_compatible(self.model, state["model"], path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -185,7 +198,7 @@ class Trainer:
             save_config(cfg, self.out_dir / "config.yaml")
         train_loader, val_source = build_loaders(cfg, self.iteration, self.rank, self.world)
         self.model.train()
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[torch.Tensor]] = {}  # the losses since the last log step, still on the device
         metrics: dict[str, float] = {}
         latest: dict[str, float] = {}  # the last logged value of every metric, for on_checkpoint
         progress = tqdm(total=train_cfg.max_iters, initial=self.iteration, desc="train", unit="it",
@@ -197,22 +210,23 @@ class Trainer:
             generator = torch.Generator(device=self.device).manual_seed(
                 _seed_of(train_cfg.seed, self.iteration, self.rank))
             result = train_step(self.train_model, self.par, batch, cfg, self.iteration, generator)
-            if not torch.isfinite(result.total):
-                raise FloatingPointError(f"loss is {result.total.item()} at iteration {self.iteration}: "
-                                         f"{result.losses}")
             self.optimizer.zero_grad(set_to_none=True)
             result.total.backward()
             self.optimizer.step()
             self.scheduler.step()
             self.iteration += 1
+            window.setdefault("total", []).append(result.total.detach())
             for k, v in result.losses.items():
                 window.setdefault(k, []).append(v)
             progress.update(1)
-            progress.set_postfix(loss=f"{result.total.item():.3f}", refresh=False)
 
-            if self.iteration % train_cfg.log_every == 0 or self.iteration == train_cfg.max_iters:
+            log_step = self.iteration % train_cfg.log_every == 0 or self.iteration == train_cfg.max_iters
+            if log_step or self.iteration % train_cfg.ckpt_every == 0:
+                check_finite(window["total"], self.iteration)  # before a checkpoint could keep a NaN
+            if log_step:
                 rate = (self.iteration - tick_iter) / (time.perf_counter() - tick)
-                logged = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
+                logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in window.items() if k != "total"}
+                progress.set_postfix(loss=f"{float(torch.stack(window['total']).mean()):.3f}", refresh=False)
                 logged.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
                 logged["train/iters_per_s"] = rate
                 if self.is_main:
@@ -237,16 +251,18 @@ class Trainer:
 
     def _evaluate(self, val_source) -> dict[str, float]:
         """In-training validation (docs/method.md §5.1) into out_dir/eval/iter_<N>/ and the logger."""
-        from toco.evaluation import evaluate_model, write_results
+        from toco.evaluation import evaluate_model, subset_note, write_results
 
         if not self.is_main:
             return {}
         cfg = self.cfg
+        split = cfg.train.val_split or cfg.data.val_split
         scores, samples = evaluate_model(self.model, cfg, val_source, limit=cfg.train.val_limit,
                                          num_workers=min(cfg.data.num_workers, 1))
+        subset = subset_note(cfg, split, scores.images, len(val_source))
         folder = self.out_dir / "eval" / f"iter_{self.iteration:06d}"
         summary = write_results(folder, scores, samples, val_source.class_names,
-                                dict(iteration=self.iteration, split=cfg.train.val_split or cfg.data.val_split))
+                                dict(iteration=self.iteration, split=split, subset=subset))
         metrics = {f"val/{k}": v for k, v in summary["metrics"].items()}
         if metrics["val/miou_seg"] > self.best_miou:  # the best weights only: a third of a resumable checkpoint
             self.best_miou = metrics["val/miou_seg"]
@@ -254,7 +270,8 @@ class Trainer:
                                                            miou_seg=self.best_miou))
         self.logger.log_evaluation(folder, summary["metrics"], {"seg": summary["per_class_iou"]["seg"]}, self.iteration,
                                    prefix="val/", artifact_path=f"eval/iter_{self.iteration:06d}")
-        tqdm.write(f"[iter {self.iteration}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        tqdm.write(f"[iter {self.iteration}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                   + (f"  (SUBSET: {subset})" if subset else ""))
         return metrics
 
 

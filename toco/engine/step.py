@@ -15,7 +15,8 @@ from toco.pseudo import box_mask, cam_to_label, cam_to_roi_mask, crop_from_roi, 
 @dataclass
 class StepResult:
     total: torch.Tensor                 # weighted sum, to back-propagate
-    losses: dict[str, float]            # every active term, unweighted
+    losses: dict[str, torch.Tensor]     # every active term, unweighted and detached (read at log steps only:
+                                        # reading a GPU value makes the host wait for the device)
     refined_label: torch.Tensor | None  # (B, H, W) segmentation pseudo label, when seg is active
 
 
@@ -44,11 +45,14 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
     active = active_terms(cfg, iteration)
 
     net = getattr(model, "module", model)  # the bare ToCoNet inside a DDP wrapper
+    # bf16: the network under autocast; its outputs, the losses, the CAM normalisation and the filters in fp32
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1); only PTC, CTC and seg read them, so
     # a step with none of them active (COCO's first stage, the ablation baseline's warm-up) skips the cost
     if any(active.values()):
-        cam, aux_cam = multi_scale_cam(net, images, pseudo_cfg.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
+        with autocast:
+            cam, aux_cam = multi_scale_cam(net, images, pseudo_cfg.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
 
     # 2. one forward with gradient: main input, and for CTC the second global view and the local crops
     crops = flags = None
@@ -58,7 +62,10 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
                                          cfg.data.num_local_crops, pseudo_cfg.uncertain_ratio,
                                          legacy_bugs=cfg.legacy_bugs, generator=generator)
         crops = torch.cat(crop_list)
-    out = model(images, batch["global2"] if active["ctc"] else None, crops, loss_cfg.ema_momentum, seg=active["seg"])
+    with autocast:
+        out = model(images, batch["global2"] if active["ctc"] else None, crops, loss_cfg.ema_momentum,
+                    seg=active["seg"])
+    out = out.float()
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}
@@ -91,4 +98,4 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
         weights["reg"] = loss_cfg.w_reg
 
     total = sum(weights[k] * v for k, v in losses.items())
-    return StepResult(total, {k: float(v.detach()) for k, v in losses.items()}, refined_label)
+    return StepResult(total, {k: v.detach() for k, v in losses.items()}, refined_label)

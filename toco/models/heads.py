@@ -39,4 +39,6 @@ class CTCHead(nn.Module):
         magnitude.requires_grad_(False)  # each output is a cosine in [-1, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        # in fp32 under bf16 autocast: CTC's logits are cosines / temperature, exponentiated by the loss
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(F.normalize(self.mlp(x.float()), dim=-1))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
+import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -30,6 +31,11 @@ class ModelOutput:
     tokens: torch.Tensor          # (B, D, h, w)
     student: torch.Tensor | None = None  # (V*B, out) CTC projections of every view, view-major
     teacher: torch.Tensor | None = None  # (2*B, out) EMA-teacher projections of the two global views
+
+    def float(self) -> "ModelOutput":
+        """Every tensor in float32 (what the losses take after a bf16 forward)."""
+        return ModelOutput(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).float()
+                              for f in dataclasses.fields(self)})
 
 
 def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:

@@ -69,7 +69,7 @@ def cmd_train(args) -> None:
         from toco.data import build_source
         from toco.data.synthetic import trivial_baselines
 
-        baselines = trivial_baselines(build_source(cfg.data, cfg.data.val_split))
+        baselines = trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.val_limit)
         rows = [dict(method="ToCo segmentation", miou=f"{summary.get('val/miou_seg', float('nan')):.4f}"),
                 dict(method="ToCo CAM", miou=f"{summary.get('val/miou_cam', float('nan')):.4f}"),
                 dict(method="ToCo aux-CAM", miou=f"{summary.get('val/miou_aux_cam', float('nan')):.4f}")]
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--size", type=int, default=96)
-    p.add_argument("--num-classes", type=int, default=5, help="including background")
+    p.add_argument("--num-classes", type=int, default=5, help="including background: 2..82 (VOC has 21, COCO 81)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("check", help="read every file of a config's train and val splits")

@@ -66,7 +66,7 @@ def cmd_train(args) -> None:
         from toco.data import build_source
         from toco.data.synthetic import trivial_baselines
 
-        baselines = trivial_baselines(build_source(cfg.data, cfg.data.val_split))
+        baselines = trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.val_limit)
         rows = [dict(method=f"ToCo {name}", miou=f"{summary.get(f'val/miou_{key}', float('nan')):.4f}")
                 for name, key in (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"))]
         rows += [dict(method=f"trivial: {k}", miou=f"{v:.4f}") for k, v in baselines.items()]
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000, help="training images")
     p.add_argument("--val", type=int, default=200, help="validation images")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (>= 16)")
-    p.add_argument("--num-classes", type=int, default=5, help="including background")
+    p.add_argument("--num-classes", type=int, default=5, help="including background: 2..82 (VOC has 21, COCO 81)")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("check", help="read every image and mask of a config's train and val splits")

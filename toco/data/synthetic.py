@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from toco.data.datasets import Sample, labels_from_mask, save_mask_png
 from toco.metrics import ConfusionMatrix
@@ -338,18 +339,20 @@ def write_synthetic(out_dir: str | Path, n_train: int, n_val: int, size: int, nu
     out/JPEGImages/<name>.png (PNG: JPEG would blur the textures), out/SegmentationClassAug/<name>.png (palette),
     out/ImageSets/Segmentation/{train_aug,train,val}.txt (train = train_aug), out/classes.txt.
     """
+    sources = [SyntheticSource(split, n, size, num_classes, seed) for split, n in (("train", n_train), ("val", n_val))]
     out = Path(out_dir)
     img_dir, mask_dir = out / "JPEGImages", out / "SegmentationClassAug"
     list_dir = out / "ImageSets" / "Segmentation"
     for d in (img_dir, mask_dir, list_dir):
         d.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("val", n_val)):
-        source = SyntheticSource(split, n, size, num_classes, seed)
-        for i, name in enumerate(source.names):
+    for source in sources:  # every argument was checked above, before a folder was made
+        for i, name in enumerate(tqdm(source.names, desc=f"synth {source.split}", unit="img", dynamic_ncols=True,
+                                      mininterval=1.0)):
             image, mask = source._generate(i)
             Image.fromarray(image).save(img_dir / f"{name}.png")
             save_mask_png(mask, mask_dir / f"{name}.png")
         listing = "".join(f"{name}\n" for name in source.names)
+        split = source.split
         if split == "train":
             (list_dir / "train_aug.txt").write_text(listing)
         (list_dir / f"{split}.txt").write_text(listing)

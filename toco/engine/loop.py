@@ -22,7 +22,7 @@ from toco.data import EvalDataset, TrainDataset, TrainTransform, build_source, s
 from toco.engine.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from toco.engine.evaluate import EvalResult, evaluate
 from toco.engine.optim import build_optimizer
-from toco.engine.step import train_step
+from toco.engine.step import train_step, zero_grads_of_waiting_heads
 from toco.models import build_model
 from toco.par import PAR
 
@@ -190,6 +190,7 @@ class Trainer:
                                          f"{result.losses}")
             self.optimizer.zero_grad(set_to_none=True)
             result.total.backward()
+            zero_grads_of_waiting_heads(self.model, cfg, self.iteration)  # as the original's zero-weighted losses
             self.optimizer.step()
             self.scheduler.step()
             self.iteration += 1

@@ -23,7 +23,7 @@ class _DummyCamModel:
 
 
 def _reference_ms_cam(model, images, scales, which):
-    """Per-image, per-scale transcription of SPEC-DETAIL 3.1."""
+    """Per-image, per-scale transcription of docs/method.md §2.1."""
     b, _, h, w = images.shape
     out = []
     for n in range(b):

@@ -1,4 +1,4 @@
-"""ToCo network: ViT encoder, CAM / aux-CAM classifiers, LargeFOV decoder, CTC heads (SPEC §1)."""
+"""ToCo network: ViT encoder, CAM / aux-CAM classifiers, LargeFOV decoder, CTC heads (docs/method.md §1)."""
 from __future__ import annotations
 
 import copy
@@ -140,7 +140,7 @@ class ToCoNet(nn.Module):
         return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
 
     def heads(self, enc: Encoded, seg: bool = True) -> ModelOutput:
-        # image score = 1x1 classifier on the globally pooled token map (SPEC §1: max pooling)
+        # image score = 1x1 classifier on the globally pooled token map (docs/method.md §1.2: max pooling)
         pool = F.adaptive_max_pool2d if self.pooling == "gmp" else F.adaptive_avg_pool2d
         cls_logits = self.classifier(pool(enc.tokens, 1)).flatten(1)
         aux_cls_logits = self.aux_classifier(pool(enc.aux_tokens, 1)).flatten(1)
@@ -175,12 +175,12 @@ class ToCoNet(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA of the projection head only; the encoder is shared (SPEC §1)."""
+        """EMA of the projection head only; the encoder is shared (docs/method.md §1.4)."""
         for t, s in zip(self.proj_head_teacher.parameters(), self.proj_head.parameters()):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """encoder weights, encoder norms, classifiers + projection head, decoder (SPEC §1)."""
+        """encoder weights, encoder norms, classifiers + projection head, decoder (docs/method.md §1.5)."""
         trainable = lambda named: [p for _, p in named if p.requires_grad]  # noqa: E731
         enc = list(self.encoder.named_parameters())
         return [

@@ -139,3 +139,153 @@ def test_cli_training_logs_everything_to_mlflow(tiny_cfg, tmp_path):
             "eval/iter_000004/confusion_seg.png"} <= names
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["iterations"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------- the original's images
+ORIGINAL_MEAN, ORIGINAL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def _originals_denormalize(x: torch.Tensor) -> torch.Tensor:
+    """The original's expression, channel by channel, float (its DenseCRF loss image; cast to uint8 for PAR)."""
+    out = torch.zeros_like(x)
+    for c in range(3):
+        out[:, c] = x[:, c] * ORIGINAL_STD[c] + ORIGINAL_MEAN[c]
+    return out
+
+
+def test_denormalize_reproduces_the_originals_8_bit_image_for_every_value():
+    import numpy as np
+
+    from toco.data.transforms import denormalize, denormalize_to_uint8, normalize
+
+    values = np.arange(256, dtype=np.uint8)
+    x = normalize(np.stack([values] * 3, axis=-1)[None])[None]             # (1, 3, 1, 256): every value per channel
+    original = _originals_denormalize(x)
+    assert torch.equal(denormalize(x), original)
+    assert torch.equal(denormalize_to_uint8(x), original.type(torch.uint8))
+    # the example: 2 in the red channel normalises to -2.08365 and comes back as 2 (the old order gave 1.99999988)
+    assert x[0, 0, 0, 2].item() == pytest.approx(-2.08365, abs=1e-5) and denormalize_to_uint8(x)[0, 0, 0, 2] == 2
+    off_by_one = (denormalize_to_uint8(x).long() != torch.from_numpy(values).long()).sum().item()
+    assert off_by_one == 32                                                 # of 768: the original's own round trip
+
+
+def test_par_reads_the_originals_uint8_image_and_the_crf_loss_its_float_image(tiny_cfg, tiny_model, monkeypatch):
+    from toco.engine import step
+    from toco.engine.loop import build_loaders
+    from toco.par import PAR
+
+    batch = next(iter(build_loaders(tiny_cfg)[0]))
+    seen = {}
+    refine, crf = step.refine_cams_with_bkg, step.dense_crf_loss
+
+    def spy_refine(par, images01, *args, **kwargs):
+        seen["par"] = images01
+        return refine(par, images01, *args, **kwargs)
+
+    def spy_crf(image, *args, **kwargs):
+        seen["crf"] = image
+        return crf(image, *args, **kwargs)
+
+    monkeypatch.setattr(step, "refine_cams_with_bkg", spy_refine)
+    monkeypatch.setattr(step, "dense_crf_loss", spy_crf)
+    par = PAR(tiny_cfg.pseudo.par_dilations, tiny_cfg.pseudo.par_iters)
+    train_step(tiny_model, par, batch, tiny_cfg, iteration=tiny_cfg.loss.seg_start)
+    original = _originals_denormalize(batch["image"])
+    assert torch.equal(seen["par"], original.type(torch.uint8) / 255.0)
+    assert torch.equal(seen["crf"], original)
+
+
+# ---------------------------------------------------------------------------------------------------- waiting heads
+def _fit(cfg, tmp_path, name: str, **loss):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    cfg.train.max_iters = cfg.train.eval_every = 3
+    cfg.output_dir = str(tmp_path / name)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def _assert_same_params_and_adamw_state(a: Trainer, b: Trainer, head: str) -> None:
+    pa, pb = getattr(a.model, head).parameters(), getattr(b.model, head).parameters()
+    for p, q in zip(pa, pb):
+        if not p.requires_grad:
+            continue
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+        sa, sb = a.optimizer.state[p], b.optimizer.state[q]
+        assert sa and int(sa["step"]) == int(sb["step"]) == 3          # AdamW took a step on every iteration
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-7)
+
+
+def test_a_waiting_decoder_evolves_as_under_the_originals_zero_weighted_losses(tiny_cfg, tmp_path):
+    """Before seg_start the original computed seg and reg with weight 0: the decoder took zero gradients, so
+    AdamW advanced its state and decayed its weights. toco skips the forward and gives it zero gradients."""
+    waiting = _fit(tiny_cfg, tmp_path, "waiting", seg_start=3)
+    zero_weighted = _fit(tiny_cfg, tmp_path, "zero", seg_start=0, w_seg=0.0, w_reg=0.0)
+    _assert_same_params_and_adamw_state(waiting, zero_weighted, "decoder")
+    initial = build_model_like(tiny_cfg)
+    assert not torch.equal(waiting.model.decoder.conv6.weight, initial.decoder.conv6.weight)  # weight decay ran
+
+
+def test_a_waiting_projection_head_and_teacher_evolve_as_under_zero_weighted_losses(tiny_cfg, tmp_path):
+    """COCO's first stage: PTC and CTC with weight 0 in the original, the EMA teacher updated every iteration."""
+    waiting = _fit(tiny_cfg, tmp_path, "waiting", seg_start=100, ptc_ctc_start=3)
+    zero_weighted = _fit(tiny_cfg, tmp_path, "zero", seg_start=100, ptc_ctc_start=0, w_ptc=0.0, w_ctc=0.0)
+    _assert_same_params_and_adamw_state(waiting, zero_weighted, "proj_head")
+    for t, u in zip(waiting.model.proj_head_teacher.parameters(), zero_weighted.model.proj_head_teacher.parameters()):
+        torch.testing.assert_close(t, u, rtol=0, atol=1e-7)
+    initial = build_model_like(tiny_cfg)
+    moved = [not torch.equal(t, u) for t, u in zip(waiting.model.proj_head_teacher.parameters(),
+                                                   initial.proj_head_teacher.parameters())]
+    assert any(moved)
+    # a term an ablation switched off never starts: its head keeps no optimizer state
+    off = _fit(tiny_cfg, tmp_path, "off", seg_start=100, use_ctc=False)
+    assert all(not off.optimizer.state[p] for p in off.model.proj_head.parameters())
+
+
+def build_model_like(cfg):
+    """The model a Trainer builds for cfg, before any step."""
+    from toco.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, cfg.data.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------- ablation over seeds
+def test_ablation_aggregates_each_config_over_its_seeds():
+    from toco.cli import aggregate_seeds
+
+    def run(config, seed, seg, wall):
+        return dict(config=config, seed=seed, seg=seg, cam=0.5, aux_cam=0.25, cls_f1=1.0, wall_s=wall)
+
+    rows = aggregate_seeds([run("toco", 0, 0.70, 600), run("base", 0, 0.61, 500), run("toco", 1, 0.72, 700),
+                            run("toco", 2, 0.74, 800)])
+    assert [r["config"] for r in rows] == ["toco", "base"] and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["seg"]["mean"] == pytest.approx(0.72) and rows[0]["seg"]["std"] == pytest.approx(0.02)
+    assert rows[0]["wall_s"]["mean"] == pytest.approx(700) and rows[0]["wall_s"]["std"] == pytest.approx(100)
+    assert rows[0]["cam"] == dict(mean=0.5, std=0.0)
+    assert rows[1]["seg"] == dict(mean=pytest.approx(0.61), std=None)  # one seed: no spread
+
+
+def test_ablation_cli_trains_every_seed_and_writes_the_table(tiny_cfg, tmp_path, capsys):
+    from toco.cli import main
+    from toco.config import save_config
+
+    tiny_cfg.tracking.enabled = False
+    tiny_cfg.output_dir = str(tmp_path / "runs" / "tiny")
+    save_config(tiny_cfg, tmp_path / "tiny.yaml")
+    main(["ablation", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1", "--json", str(tmp_path / "table.json")])
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [(r["config"], r["seed"]) for r in table["runs"]] == [("tiny", 0), ("tiny", 1)]
+    for seed, run in enumerate(table["runs"]):
+        summary = json.loads((tmp_path / "runs" / "tiny" / f"seed_{seed}" / "summary.json").read_text())
+        assert run["seg"] == summary["val/miou_seg"] and run["wall_s"] == summary["wall_s"]
+    (row,) = table["rows"]
+    segs = [r["seg"] for r in table["runs"]]
+    assert row["seg"]["mean"] == pytest.approx(sum(segs) / 2)
+    assert row["seg"]["std"] == pytest.approx(abs(segs[0] - segs[1]) / 2 ** 0.5)
+    assert "± " in capsys.readouterr().out

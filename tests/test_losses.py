@@ -64,7 +64,7 @@ def test_ptc_matches_loop_and_pools_batch():
 
 # ---------------------------------------------------------------------------------------------------- CTC
 def _ctc_loop(student, teacher, flags, temp, legacy):
-    """Direct transcription of the formula (SPEC-DETAIL 2.3 step 4), float64 exp."""
+    """Direct transcription of the formula (docs/method.md §3.3), float64 exp."""
     b, v = flags.shape
     s = student.double().reshape(v, b, -1)
     t = teacher.double().reshape(2, b, -1)

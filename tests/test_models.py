@@ -188,3 +188,64 @@ def test_the_synthetic_default_starts_from_its_shipped_pretext_encoder():
     pretext = load_config("experiments/pretext/synthetic.yaml").model  # the stage that made the file
     assert (pretext.backbone, pretext.backbone_kwargs, pretext.conv_stem, pretext.attention_window) == \
         (cfg.model.backbone, cfg.model.backbone_kwargs, cfg.model.conv_stem, cfg.model.attention_window)
+
+
+def _vit_b_like(antialias: bool):
+    """A ViT-B/16 geometry (224 px, 14 x 14 position table), narrow, with a random table and a zero patch embedding,
+    so the encoder's input to its blocks is the prefix tokens + the position table it resampled."""
+    from toco.models.toco_net import ToCoNet, create_encoder
+
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_base_patch16_224", False, None, (), embed_dim=8, depth=2, num_heads=2)
+    net = ToCoNet(encoder, 5, aux_layer=-2, decoder_channels=4, proj_hidden=4, proj_bottleneck=4, proj_out=4,
+                  pos_embed_antialias=antialias)
+    with torch.no_grad():
+        encoder.pos_embed.normal_()
+        encoder.cls_token.normal_()
+        for p in encoder.patch_embed.parameters():
+            p.zero_()
+    return net
+
+
+def _table_seen_by_the_blocks(net, size: int) -> torch.Tensor:
+    seen = []
+    hook = net.encoder.norm_pre.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    net.encode(torch.randn(1, 3, size, size))
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("size, grid", [(448, 28), (96, 6), (224, 14)])
+def test_position_table_is_resampled_as_the_original(size, grid):
+    """bicubic, align_corners=False, no antialiasing, enlarging (448 px, the training crop) and shrinking (96 px, a
+    local crop); the class token's entry untouched. timm's antialiased resampling stays available by the switch."""
+    net = _vit_b_like(antialias=False)
+    table = net.encoder.pos_embed.detach()  # (1, 1 + 196, D)
+    d = table.shape[-1]
+    patches14 = table[:, 1:].reshape(1, 14, 14, d).permute(0, 3, 1, 2)
+    expected = F.interpolate(patches14, size=(grid, grid), mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, grid * grid, d)
+    seen = _table_seen_by_the_blocks(net, size)
+    assert seen.shape == (1, 1 + grid * grid, d)
+    torch.testing.assert_close(seen[:, 1:], expected, rtol=0, atol=0)
+    torch.testing.assert_close(seen[:, :1], net.encoder.cls_token + table[:, :1], rtol=0, atol=0)
+
+    antialiased = _table_seen_by_the_blocks(_vit_b_like(antialias=True), size)[:, 1:]
+    timm_way = F.interpolate(patches14, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(antialiased, timm_way.permute(0, 2, 3, 1).reshape(1, grid * grid, d))
+    if grid != 14:  # the two kernels differ when enlarging as well as when shrinking
+        assert (antialiased - expected).norm() / expected.norm() > 0.02
+
+
+def test_a_size_that_is_not_a_multiple_of_the_patch_drops_the_remainder(tiny_model):
+    """The original's strided patch convolution ignores the last size % patch rows and columns: the grid is
+    floor(size / patch) and the result is that of the input cropped to it (patch 8 here)."""
+    x = torch.randn(2, 3, 37, 45)
+    cam, aux = tiny_model.forward_cams(x)
+    assert cam.shape == (2, 4, 4, 5)
+    cropped_cam, cropped_aux = tiny_model.forward_cams(x[..., :32, :40])
+    torch.testing.assert_close(cam, cropped_cam, rtol=0, atol=0)
+    torch.testing.assert_close(aux, cropped_aux, rtol=0, atol=0)
+    out = tiny_model(x)
+    assert out.seg_logits.shape == (2, 5, 4, 5)
+    torch.testing.assert_close(out.cls_logits, tiny_model(x[..., :32, :40]).cls_logits, rtol=0, atol=0)

@@ -8,7 +8,7 @@ from toco.engine.optim import build_optimizer, poly_warmup_factor
 
 @pytest.mark.parametrize("step, logged_lr", [(199, 7.960e-06), (1999, 5.457e-05), (19999, 8.077e-09)])
 def test_lr_matches_the_published_voc_log(step, logged_lr):
-    # the original's log prints the lr used for iterations 200, 2000 and 20000 (SPEC-DETAIL §4.1)
+    # the original's log prints the lr used for iterations 200, 2000 and 20000 (docs/method.md §4)
     lr = 6e-5 * poly_warmup_factor(step, 20000, 1500, 1e-6, 0.9)
     assert lr == pytest.approx(logged_lr, rel=1e-3)
 

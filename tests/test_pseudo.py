@@ -23,7 +23,7 @@ class _DummyCamModel:
 
 
 def _reference_ms_cam(model, images, scales, which):
-    """Per-image, per-scale transcription of SPEC-DETAIL 3.1."""
+    """Per-image, per-scale transcription of docs/method.md §2.1."""
     b, _, h, w = images.shape
     out = []
     for n in range(b):
@@ -208,10 +208,42 @@ def test_crop_from_roi_places_and_flags():
         for centre, flag in zip(centres, flags[n, 2:].tolist()):
             # (4,4): no uncertain pixel -> negative; uncertain block: 4/16 = 0.25 > 0.2 -> positive
             assert flag == (0 if centre == (4, 4) else 1)
-    # legacy ratio sums roi (fg counts 2): the fg-dominated crop at (4,4) turns positive
-    _, flags_legacy = crop_from_roi(image, roi, 4, num_crops=5, legacy_bugs=True,
-                                    generator=torch.Generator().manual_seed(0))
-    assert (flags_legacy == 1).all()
+    # the other rules count confident fg too: the fg-dominated crop at (4,4) turns positive
+    for rule in ("not_background", "original"):
+        _, flags_rule = crop_from_roi(image, roi, 4, num_crops=5, negative_rule=rule,
+                                      generator=torch.Generator().manual_seed(0))
+        assert (flags_rule == 1).all(), rule
+    with pytest.raises(ValueError, match="negative rule"):
+        crop_from_roi(image, roi, 4, num_crops=5, negative_rule="legacy")
+
+
+def _periodic_roi(n_uncertain: int, n_foreground: int, size: int = 20) -> torch.Tensor:
+    """Every 5x5 window holds exactly one pixel of each class (y % 5, x % 5): the first n_uncertain classes are
+    uncertain (1), the next n_foreground confident foreground (2), the rest background (0). So every 5x5 crop,
+    wherever it lands, holds exactly that many of each."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    kind = (yy % 5) * 5 + xx % 5
+    roi = torch.zeros(size, size, dtype=torch.long)
+    roi[kind < n_uncertain] = 1
+    roi[(kind >= n_uncertain) & (kind < n_uncertain + n_foreground)] = 2
+    return roi
+
+
+# (uncertain, foreground) pixels of 25 per crop; threshold 0.2 = 5 pixels, a share <= 0.2 is negative
+CROP_KINDS = [(0, 3), (0, 20), (2, 2), (2, 4), (5, 0), (6, 0)]
+
+
+@pytest.mark.parametrize("rule, positive", [
+    ("uncertain", [0, 0, 0, 0, 0, 1]),       # unc / 25: 0, 0, .08, .08, .2, .24
+    ("not_background", [0, 1, 0, 1, 0, 1]),  # (unc + fg) / 25: .12, .8, .16, .24, .2, .24
+    ("original", [1, 1, 1, 1, 0, 1]),        # (unc + 2 fg) / 25: .24, 1.6, .24, .4, .2, .24
+])
+def test_ctc_negative_rules_count_by_hand(rule, positive):
+    roi = torch.stack([_periodic_roi(u, f) for u, f in CROP_KINDS])
+    _, flags = crop_from_roi(_coord_image(len(CROP_KINDS), 20, 20), roi, crop_size=5, num_crops=4,
+                             negative_rule=rule, generator=torch.Generator().manual_seed(0))
+    assert (flags[:, :2] == 1).all()
+    assert flags[:, 2:].tolist() == [[p] * 4 for p in positive]
 
 
 @pytest.mark.cuda
@@ -253,3 +285,19 @@ def test_crop_falls_back_to_whole_window_and_is_seeded():
     assert all(3 <= y < 17 and 3 <= x < 17 for y, x in centres)  # inside the margin window
     assert (flags_a[0, 2:] == 0).all()  # no uncertain pixel anywhere
     assert all(torch.equal(a, b) for a, b in zip(crops_a, crops_b))
+
+
+def test_multi_scale_cam_at_sizes_that_are_not_multiples_of_the_patch(tiny_model):
+    """36 px at scales 1, 0.5, 1.5 is 36, 18 and 54 px, none a multiple of the patch (8): each scale's CAM is that of
+    its input cropped to floor(size / 8) patches, as the original's patch convolution computed it."""
+    class Cropped:  # forward_cams on the explicitly cropped input
+        def forward_cams(self, x):
+            h, w = x.shape[-2] // 8 * 8, x.shape[-1] // 8 * 8
+            return tiny_model.forward_cams(x[..., :h, :w])
+
+    images = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    cam, aux = multi_scale_cam(tiny_model, images, (1.0, 0.5, 1.5))
+    want_cam, want_aux = multi_scale_cam(Cropped(), images, (1.0, 0.5, 1.5))
+    assert cam.shape == (2, 4, 36, 36)
+    torch.testing.assert_close(cam, want_cam, rtol=0, atol=0)
+    torch.testing.assert_close(aux, want_aux, rtol=0, atol=0)

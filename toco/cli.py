@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -90,17 +91,56 @@ def cmd_sweep(args) -> None:
     print(f"best configuration: {summary['best_config']}   (train it: toco train {summary['best_config']})")
 
 
-def cmd_ablation(args) -> None:
-    """Train each config in turn and print one table of their val mIoUs."""
-    configs = [(path, load_config(path, args.overrides)) for path in args.configs]  # every config checked first
+# the ablation's columns: summary.json key of each
+ABLATION_METRICS = {"seg": "val/miou_seg", "cam": "val/miou_cam", "aux_cam": "val/miou_aux_cam",
+                    "cls_f1": "val/cls_f1", "wall_s": "wall_s"}
+
+
+def aggregate_seeds(runs: list[dict]) -> list[dict]:
+    """One row per config (first-seen order) from runs {config, seed, <ABLATION_METRICS keys>}: its seeds and, per
+    metric, {mean, std} over them, std the sample standard deviation (n - 1; None for a single run)."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["config"], []).append(run)
     rows = []
-    for path, cfg in configs:
-        s = run_training(cfg, Path(path).stem)
-        rows.append(dict(config=Path(path).stem, seg=f"{s['val/miou_seg']:.4f}", cam=f"{s['val/miou_cam']:.4f}",
-                         aux_cam=f"{s['val/miou_aux_cam']:.4f}", cls_f1=f"{s['val/cls_f1']:.4f}",
-                         wall_s=f"{s['wall_s']:.0f}"))
+    for config, group in groups.items():
+        row = dict(config=config, seeds=[r["seed"] for r in group])
+        for metric in ABLATION_METRICS:
+            values = [float(r[metric]) for r in group]
+            row[metric] = dict(mean=statistics.fmean(values),
+                               std=statistics.stdev(values) if len(values) > 1 else None)
+        rows.append(row)
+    return rows
+
+
+def cmd_ablation(args) -> None:
+    """Train each config (for each of --seeds) and print one table of their val metrics, mean ± std over seeds."""
+    for path in args.configs:  # every config checked before the first trains
+        load_config(path, args.overrides)
+    runs = []
+    for path in args.configs:
+        for seed in args.seeds or [None]:
+            cfg = load_config(path, args.overrides)
+            if seed is not None:  # each seed trains into its own folder and MLflow run
+                cfg.train.seed = seed
+                cfg.output_dir = str(Path(cfg.output_dir) / f"seed_{seed}")
+                cfg.tracking.run_name = f"{cfg.tracking.run_name or Path(path).stem} seed {seed}"
+            s = run_training(cfg, Path(path).stem)
+            runs.append(dict(config=Path(path).stem, seed=cfg.train.seed,
+                             **{k: s[key] for k, key in ABLATION_METRICS.items()}))
+    rows = aggregate_seeds(runs)
+
+    def cell(stat: dict, digits: int) -> str:
+        return f"{stat['mean']:.{digits}f}" + ("" if stat["std"] is None else f" ± {stat['std']:.{digits}f}")
+
     print()
-    _print_table(rows, ["config", "seg", "cam", "aux_cam", "cls_f1", "wall_s"])
+    _print_table([dict(config=r["config"], seeds=len(r["seeds"]),
+                       **{k: cell(r[k], 0 if k == "wall_s" else 4) for k in ABLATION_METRICS}) for r in rows],
+                 ["config", "seeds", *ABLATION_METRICS])
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(rows=rows, runs=runs), indent=1))
+    print(f"\nwrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,8 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("ablation", help="train several configs and print their val mIoUs side by side")
+    p = sub.add_parser("ablation", help="train several configs (and seeds) and print their val metrics side by side")
     p.add_argument("configs", nargs="+", metavar="config", help="YAML configs, trained in turn")
+    p.add_argument("--seeds", type=int, nargs="+", help="train each config once per seed (train.seed), each in "
+                   "<output_dir>/seed_<n>, and report mean ± std (default: once, with the config's seed)")
+    p.add_argument("--json", default="runs/ablation/summary.json", help="where to write every run and the table")
     p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("eval", help="score a checkpoint on a split: per-class IoU, mIoU, pictures, MLflow")

@@ -70,6 +70,8 @@ class ModelConfig:
     proj_bottleneck: int = 256
     proj_out: int = 1024
     freeze_pos_embed: bool = True        # the original keeps the position table frozen
+    pos_embed_antialias: bool = False    # resample the position table as timm does (antialiased bicubic);
+                                         # false: as the original (bicubic, no antialiasing)
 
 
 @dataclass
@@ -98,7 +100,9 @@ class PseudoConfig:
     bkg_thre: float = 0.5
     high_thre: float = 0.7
     low_thre: float = 0.25
-    uncertain_ratio: float = 0.2         # CTC local crop is negative at or below this share
+    uncertain_ratio: float = 0.2         # CTC local crop is negative at or below this share ...
+    ctc_negative_rule: Literal["uncertain", "not_background", "original"] = "uncertain"  # ... of these pixels
+                                         # (toco.pseudo.crop_from_roi; docs/deviations.md)
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     par_iters: int = 10
 
@@ -150,7 +154,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/default"
-    legacy_bugs: bool = False            # reproduce the original code's three bugs (SPEC §7)
+    legacy_bugs: bool = False            # reproduce the original code's four bugs (docs/deviations.md)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -41,7 +41,7 @@ def ptc_loss(tokens: torch.Tensor, token_label: torch.Tensor, ignore_index: int 
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 3 CTC / SPEC-DETAIL 2.3 step 4
+# docs/method.md §3.3
 def ctc_loss(student: torch.Tensor, teacher: torch.Tensor, flags: torch.Tensor, temperature: float = 0.5,
              legacy_bugs: bool = False) -> torch.Tensor:
     """Class token contrast with negative local crops.

@@ -1,4 +1,4 @@
-"""Pseudo labels made inside a training step (SPEC 2, SPEC-DETAIL 2.2-2.3, 3).
+"""Pseudo labels made inside a training step (docs/method.md §2, §3.2-3.3).
 
 - `multi_scale_cam`: normalised multi-scale, flip-augmented CAM and aux-CAM.
 - `cam_to_label`: CAM -> label map with the bkg / ignore-mid thresholds.
@@ -31,7 +31,7 @@ def _max_valid_cam(cam: torch.Tensor, cls_label: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 2.1 / SPEC-DETAIL 3.1
+# docs/method.md §2.1
 @torch.no_grad()
 def multi_scale_cam(model, images: torch.Tensor, scales=(1.0, 0.5, 1.5)):
     """Multi-scale + flip CAMs, each (B,C-1,H,W) in [0,1].
@@ -65,7 +65,7 @@ def _minmax_normalise(cam: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 2.2 / SPEC-DETAIL 2.2 step 3, 3.2
+# docs/method.md §2.2
 def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg_thre: float, high_thre: float | None = None,
                  low_thre: float | None = None, ignore_mid: bool = False, img_box: torch.Tensor | None = None,
                  ignore_index: int = 255) -> torch.Tensor:
@@ -98,7 +98,7 @@ def cam_to_roi_mask(cam: torch.Tensor, cls_label: torch.Tensor, low_thre: float,
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 2.3 / SPEC-DETAIL 3.3
+# docs/method.md §2.3-2.4
 def _present_keys(cls_label: torch.Tensor):
     """Channel keys of {bg} + present classes per image, padded to the batch maximum.
 
@@ -166,7 +166,7 @@ def refine_cams_with_bkg(par, images01: torch.Tensor, cam: torch.Tensor, cls_lab
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 3 CTC / SPEC-DETAIL 2.3 steps 2-3
+# docs/method.md §3.3
 def _crop_corners(roi: torch.Tensor, crop_size: int, num_crops: int, generator) -> torch.Tensor:
     """Top-left corners (B,num_crops,2) of the crops; a crop at corner (y,x) is centred at (y+m, x+m), m=c//2.
 
@@ -204,23 +204,32 @@ def _gather_crops(x: torch.Tensor, corners: torch.Tensor, crop_size: int) -> tor
     return crops.movedim((2, 3), (-2, -1))
 
 
+# how much a confident-foreground pixel counts towards a crop's share, per CTC negative rule (an uncertain one counts 1)
+FOREGROUND_WEIGHT = {"uncertain": 0, "not_background": 1, "original": 2}
+NEGATIVE_RULES = tuple(FOREGROUND_WEIGHT)
+
+
 def crop_from_roi(local_image: torch.Tensor, roi: torch.Tensor, crop_size: int, num_crops: int = 8,
-                  uncertain_ratio: float = 0.2, legacy_bugs: bool = False, generator: torch.Generator | None = None):
+                  uncertain_ratio: float = 0.2, negative_rule: str = "uncertain",
+                  generator: torch.Generator | None = None):
     """CTC local crops: (list of num_crops tensors (B,3,c,c), flags (B,num_crops+2) int64).
 
-    A crop is negative (flag 0) if the share of uncertain pixels (roi == 1) in it is <= uncertain_ratio, else
-    positive (1); the two global views (flags[:, :2]) are positive. legacy_bugs=True uses the original's ratio
-    sum(roi)/c^2, where confident fg counts twice.
+    A crop is negative (flag 0) when its share s of c^2 pixels is <= uncertain_ratio, else positive (1); the two
+    global views (flags[:, :2]) are positive. `negative_rule` says what s counts (docs/method.md §3.3):
+    - "uncertain": uncertain pixels (roi == 1): a crop is negative when it holds little uncertainty;
+    - "not_background": uncertain + confident-foreground pixels: negative when it is mostly confident background;
+    - "original": uncertain + 2 x confident foreground (the original's sum of roi), foreground counted twice.
     """
+    if negative_rule not in NEGATIVE_RULES:
+        raise ValueError(f"unknown CTC negative rule {negative_rule!r}; choose from {NEGATIVE_RULES}")
     if local_image.shape[0] != roi.shape[0] or local_image.shape[-2:] != roi.shape[-2:]:
         raise ValueError(f"local_image {tuple(local_image.shape)} and roi {tuple(roi.shape)} must match")
     corners = _crop_corners(roi, crop_size, num_crops, generator).to(local_image.device)
     crops = _gather_crops(local_image, corners, crop_size)  # (B,n,3,c,c)
     roi_crops = _gather_crops(roi.to(local_image.device), corners, crop_size)  # (B,n,c,c)
-    if legacy_bugs:
-        ratio = roi_crops.float().sum(dim=(-2, -1)) / crop_size ** 2
-    else:
-        ratio = (roi_crops == 1).float().sum(dim=(-2, -1)) / crop_size ** 2
+    uncertain = (roi_crops == 1).sum(dim=(-2, -1))
+    foreground = (roi_crops == 2).sum(dim=(-2, -1))
+    share = (uncertain + FOREGROUND_WEIGHT[negative_rule] * foreground).float() / crop_size ** 2
     flags = torch.ones(roi.shape[0], num_crops + 2, dtype=torch.long, device=local_image.device)
-    flags[:, 2:] = (ratio > uncertain_ratio).long()
+    flags[:, 2:] = (share > uncertain_ratio).long()
     return list(crops.unbind(dim=1)), flags

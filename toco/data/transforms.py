@@ -27,11 +27,24 @@ def normalize(img) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
+# the original's de-normalisation constants, 255 x the above
+MEAN_255 = (123.675, 116.28, 103.53)
+STD_255 = (58.395, 57.12, 57.375)
+
+
 def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) (or (3,H,W)) normalised tensor -> same shape in 0..255 float (not clipped)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x * std + mean) * 255.0
+    """(B,3,H,W) (or (3,H,W)) normalised tensor -> same shape in 0..255 float (not clipped), in the original's
+    arithmetic, x * STD_255 + MEAN_255 in x's dtype: the DenseCRF loss's image (docs/method.md §3.5). The order
+    matters at the last bit: (x * std + mean) * 255 gives 1.99999988 for a pixel of 2, this gives 2."""
+    mean = torch.tensor(MEAN_255, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(STD_255, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * std + mean
+
+
+def denormalize_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The original's 8-bit image for PAR (docs/method.md §2.3): `denormalize` truncated toward zero, as its uint8
+    cast does. A normalised 8-bit image comes back within (-1, 256), where the clamp changes nothing."""
+    return denormalize(x).trunc().clamp(0, 255).to(torch.uint8)
 
 
 def _randint(high: int) -> int:

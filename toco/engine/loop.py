@@ -21,7 +21,7 @@ from toco.config import Config, save_config
 from toco.data import TrainDataset, TrainTransform, build_source, seed_worker
 from toco.engine.checkpoint import check_compatible, check_resumable, load_checkpoint, save_checkpoint
 from toco.engine.optim import build_optimizer
-from toco.engine.step import train_step
+from toco.engine.step import train_step, zero_grads_of_waiting_heads
 from toco.models import build_model
 from toco.par import PAR
 
@@ -212,6 +212,7 @@ class Trainer:
             result = train_step(self.train_model, self.par, batch, cfg, self.iteration, generator)
             self.optimizer.zero_grad(set_to_none=True)
             result.total.backward()
+            zero_grads_of_waiting_heads(self.model, cfg, self.iteration)  # as the original's zero-weighted losses
             self.optimizer.step()
             self.scheduler.step()
             self.iteration += 1

@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up then a poly decay over the absolute step (SPEC §4)."""
+"""AdamW with linear warm-up then a poly decay over the absolute step (docs/method.md §4)."""
 from __future__ import annotations
 
 import torch

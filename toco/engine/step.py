@@ -1,4 +1,4 @@
-"""One ToCo training step, in the order of SPEC §2-3. Free of MLflow, Ray and the CLI."""
+"""One ToCo training step, in the order of docs/method.md §2-3. Free of MLflow, Ray and the CLI."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from toco.config import Config
-from toco.data.transforms import denormalize
+from toco.data.transforms import denormalize, denormalize_to_uint8
 from toco.losses import cls_loss, ctc_loss, dense_crf_loss, ptc_loss, seg_loss
 from toco.pseudo import box_mask, cam_to_label, cam_to_roi_mask, crop_from_roi, multi_scale_cam, refine_cams_with_bkg
 
@@ -21,15 +21,33 @@ class StepResult:
 
 
 def active_terms(cfg: Config, iteration: int) -> dict[str, bool]:
-    """Which losses join at this iteration (SPEC §3 schedule): VOC adds seg + reg after a warm-up;
+    """Which losses join at this iteration (docs/method.md §3.6): VOC adds seg + reg after a warm-up;
     COCO also starts PTC + CTC late."""
     contrast = iteration >= cfg.loss.ptc_ctc_start
     seg = iteration >= cfg.loss.seg_start
     return dict(ptc=cfg.loss.use_ptc and contrast, ctc=cfg.loss.use_ctc and contrast, seg=seg, reg=seg)
 
 
+def waiting_heads(cfg: Config, iteration: int) -> dict[str, bool]:
+    """Heads whose losses the schedule has not started yet: the decoder before `seg_start`, the projection head
+    before `ptc_ctc_start` (when CTC is on at all; an ablation's switched-off term never starts)."""
+    return dict(decoder=iteration < cfg.loss.seg_start,
+                proj_head=cfg.loss.use_ctc and iteration < cfg.loss.ptc_ctc_start)
+
+
+def zero_grads_of_waiting_heads(net, cfg: Config, iteration: int) -> None:
+    """Call after backward. The original computed a waiting head's losses with weight 0, so its parameters took
+    zero gradients: AdamW advanced their step count and moments and applied weight decay. Zero gradients (not
+    None) do exactly that without the forward passes (docs/method.md §3.6)."""
+    waiting = waiting_heads(cfg, iteration)
+    heads = [head for name, head in (("decoder", net.decoder), ("proj_head", net.proj_head)) if waiting[name]]
+    for p in (p for head in heads for p in head.parameters()):
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def token_box(img_box: torch.Tensor, patch_size: int, legacy_bugs: bool) -> torch.Tensor:
-    """The padding box on the token grid. The original applied the pixel box unscaled (a bug, SPEC §7)."""
+    """The padding box on the token grid. The original applied the pixel box unscaled (a bug, docs/method.md §7)."""
     if legacy_bugs:
         return img_box
     start = torch.div(img_box[:, 0::2], patch_size, rounding_mode="floor")
@@ -48,29 +66,31 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
     # bf16: the network under autocast; its outputs, the losses, the CAM normalisation and the filters in fp32
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
-    # 1. multi-scale CAMs from the current weights, no gradient (SPEC §2.1); only PTC, CTC and seg read them, so
-    # a step with none of them active (COCO's first stage, the ablation baseline's warm-up) skips the cost
+    # 1. multi-scale CAMs from the current weights, no gradient (docs/method.md §2.1); only PTC, CTC and seg read
+    # them, so a step with none of them active (COCO's first stage, the ablation baseline's warm-up) skips the cost
     if any(active.values()):
         with autocast:
             cam, aux_cam = multi_scale_cam(net, images, pseudo_cfg.cam_scales)  # (B, C-1, H, W) each, in [0, 1]
 
     # 2. one forward with gradient: main input, and for CTC the second global view and the local crops
     crops = flags = None
-    if active["ctc"]:  # local crops centred in uncertain regions of the aux-CAM ROI (SPEC §3 CTC)
+    if active["ctc"]:  # local crops centred in uncertain regions of the aux-CAM ROI (docs/method.md §3.3)
         roi = cam_to_roi_mask(aux_cam, cls_label, pseudo_cfg.low_thre, pseudo_cfg.high_thre)
         crop_list, flags = crop_from_roi(batch["local_image"], roi, cfg.data.local_crop_size,
                                          cfg.data.num_local_crops, pseudo_cfg.uncertain_ratio,
-                                         legacy_bugs=cfg.legacy_bugs, generator=generator)
+                                         negative_rule=pseudo_cfg.ctc_negative_rule, generator=generator)
         crops = torch.cat(crop_list)
     with autocast:
         out = model(images, batch["global2"] if active["ctc"] else None, crops, loss_cfg.ema_momentum,
                     seg=active["seg"])
     out = out.float()
+    if waiting_heads(cfg, iteration)["proj_head"]:
+        net.update_teacher(loss_cfg.ema_momentum)  # the original's teacher followed the student every iteration
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}
 
-    if active["ptc"]:  # PTC on the final tokens, guided by aux-CAM token labels (SPEC §3)
+    if active["ptc"]:  # PTC on the final tokens, guided by aux-CAM token labels (docs/method.md §3.2)
         grid = out.tokens.shape[-2:]
         aux_cam_tokens = F.interpolate(aux_cam, size=grid, mode="bilinear", align_corners=False)
         token_label = cam_to_label(aux_cam_tokens, cls_label, pseudo_cfg.bkg_thre, pseudo_cfg.high_thre, pseudo_cfg.low_thre,
@@ -83,8 +103,8 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
 
     refined_label = None
     if active["seg"]:  # segmentation on PAR-refined CAM labels, plus the DenseCRF regulariser
-        image255 = denormalize(images)                           # (B, 3, H, W) in 0..255
-        image01 = image255.clamp(0, 255).floor() / 255           # the original's uint8 cast
+        image255 = denormalize(images)                           # (B, 3, H, W) in 0..255, float
+        image01 = denormalize_to_uint8(images) / 255.0           # PAR reads the original's 8-bit image
         seg_cam = aux_cam if iteration < loss_cfg.cam_source_until else cam
         refined_label = refine_cams_with_bkg(par, image01, seg_cam, cls_label, pseudo_cfg.high_thre, pseudo_cfg.low_thre,
                                              img_box=img_box)

@@ -1,8 +1,9 @@
-"""ToCo network: ViT encoder, CAM / aux-CAM classifiers, LargeFOV decoder, CTC heads (SPEC §1)."""
+"""ToCo network: ViT encoder, CAM / aux-CAM classifiers, LargeFOV decoder, CTC heads (docs/method.md §1)."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,11 +64,30 @@ def create_encoder(backbone: str, pretrained: bool, pretrained_file: str | None,
     return timm.create_model(backbone, pretrained=pretrained, **options)
 
 
+def pos_embed_bicubic(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's `VisionTransformer._pos_embed` for `dynamic_img_size`, with the position table resampled as the
+    original did (docs/method.md §1.1): bicubic, align_corners=False, no antialiasing. timm antialiases, which
+    uses another cubic kernel (a = -0.5 instead of -0.75) and changes the table when enlarging too.
+    x: (B, h, w, D) patch tokens; returns (B, P + h*w, D) with the P prefix tokens first."""
+    b, h, w, d = x.shape
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    table = vit.pos_embed
+    grid = tuple(vit.patch_embed.grid_size)
+    if (h, w) != grid:
+        patches = table[:, prefix:].reshape(1, *grid, d).permute(0, 3, 1, 2).float()
+        patches = F.interpolate(patches, size=(h, w), mode="bicubic", align_corners=False)
+        table = torch.cat([table[:, :prefix], patches.permute(0, 2, 3, 1).reshape(1, h * w, d).to(table.dtype)], 1)
+    tokens = [t.expand(b, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = x.reshape(b, h * w, d)
+    x = torch.cat(tokens + [x + table], dim=1) if vit.no_embed_class else torch.cat(tokens + [x], dim=1) + table
+    return vit.pos_drop(x)
+
+
 class ToCoNet(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, aux_layer: int = -3, decoder_channels: int = 512,
                  decoder_dilation: int = 5, proj_hidden: int = 2048, proj_bottleneck: int = 256,
                  proj_out: int = 1024, freeze_pos_embed: bool = True, pooling: str = "gmp",
-                 attention_window: int = 0):
+                 attention_window: int = 0, pos_embed_antialias: bool = False):
         super().__init__()
         if attention_window < 0:
             raise ValueError(f"model.attention_window must be >= 0 (0 = global attention), got {attention_window}")
@@ -83,6 +103,8 @@ class ToCoNet(nn.Module):
             raise ValueError(f"model.aux_layer={aux_layer} must name a block before the last of {depth}")
         if freeze_pos_embed:
             encoder.pos_embed.requires_grad_(False)
+        if not pos_embed_antialias:  # a bound method, so a deep copy of the encoder resamples its own table
+            encoder._pos_embed = types.MethodType(pos_embed_bicubic, encoder)
         dim = encoder.embed_dim
         embed = encoder.patch_embed  # input pixels per token side: the patch, or the conv stem's stride
         self.patch_size = embed.patch_size[0] * getattr(embed, "feature_ratio", (1,))[0]
@@ -111,7 +133,10 @@ class ToCoNet(nn.Module):
         return self._masks[key]
 
     def encode(self, x: torch.Tensor) -> Encoded:
+        # the grid is floor(size / patch): the original's strided patch convolution drops the remainder rows and
+        # columns; cropping them first does the same for any stem (docs/method.md §1.1)
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = x[..., :h * self.patch_size, :w * self.patch_size]
         final, (aux,) = self.encoder.forward_intermediates(
             x, indices=[self.aux_index], norm=False, output_fmt="NCHW", return_prefix_tokens=False,
             attn_mask=self.attention_mask(h, w, x.device))
@@ -121,7 +146,7 @@ class ToCoNet(nn.Module):
         return Encoded(cls_token=final[:, 0], tokens=tokens, aux_tokens=aux)
 
     def heads(self, enc: Encoded, seg: bool = True) -> ModelOutput:
-        # image score = 1x1 classifier on the globally pooled token map (SPEC §1: max pooling)
+        # image score = 1x1 classifier on the globally pooled token map (docs/method.md §1.2: max pooling)
         pool = F.adaptive_max_pool2d if self.pooling == "gmp" else F.adaptive_avg_pool2d
         cls_logits = self.classifier(pool(enc.tokens, 1)).flatten(1)
         aux_cls_logits = self.aux_classifier(pool(enc.aux_tokens, 1)).flatten(1)
@@ -156,12 +181,12 @@ class ToCoNet(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA of the projection head only; the encoder is shared (SPEC §1)."""
+        """EMA of the projection head only; the encoder is shared (docs/method.md §1.4)."""
         for t, s in zip(self.proj_head_teacher.parameters(), self.proj_head.parameters()):
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """encoder weights, encoder norms, classifiers + projection head, decoder (SPEC §1)."""
+        """encoder weights, encoder norms, classifiers + projection head, decoder (docs/method.md §1.5)."""
         trainable = lambda named: [p for _, p in named if p.requires_grad]  # noqa: E731
         enc = list(self.encoder.named_parameters())
         return [
@@ -178,4 +203,5 @@ def build_model(model_cfg, num_classes: int) -> ToCoNet:
                              model_cfg.conv_stem, **model_cfg.backbone_kwargs)
     return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
                    model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
-                   model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling, model_cfg.attention_window)
+                   model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling, model_cfg.attention_window,
+                   model_cfg.pos_embed_antialias)

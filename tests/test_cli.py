@@ -55,9 +55,15 @@ def test_a_mistake_in_train_is_one_line_and_leaves_no_run_behind(store, tiny_cfg
 
 
 def test_a_resume_checkpoint_that_does_not_fit_is_one_line(store, tiny_cfg, tiny_model, tmp_path, capsys):
-    save_checkpoint(tmp_path / "other.pt", dict(model=tiny_model.state_dict()))
+    import torch
+
+    state = dict(model=tiny_model.state_dict(), optimizer={}, scheduler={}, iteration=2, rng=torch.get_rng_state())
+    save_checkpoint(tmp_path / "other.pt", state)
     message = _fail(["train", str(store), "--resume", str(tmp_path / "other.pt"), "data.num_classes=4"], capsys)
     assert "does not fit" in message and "data.num_classes" in message
+    save_checkpoint(tmp_path / "best.pt", dict(model=tiny_model.state_dict(), iteration=2))
+    message = _fail(["train", str(store), "--resume", str(tmp_path / "best.pt")], capsys)
+    assert "holds no training state" in message and "last.pt" in message
     assert "does not exist" in _fail(["train", str(store), "--resume", str(tmp_path / "none.pt")], capsys)
     assert _runs(tiny_cfg) == []
 

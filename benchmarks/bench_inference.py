@@ -1,4 +1,4 @@
-"""Inference throughput (images/s) and peak memory: single scale, MS + flip, MS + flip + CRF (SPEC §5),
+"""Inference throughput (images/s) and peak memory: single scale, MS + flip, MS + flip + CRF (docs/method.md §5.2),
 for the tiny synthetic model on the CPU and for ViT-B/16 at 448 (GPU when present).
 
 images/s is wall-clock (median round); the statistics pytest-benchmark keeps and compares use its timer."""

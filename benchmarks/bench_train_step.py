@@ -1,4 +1,4 @@
-"""One training iteration with every loss active, timed by stage (SPEC §2-3 in the order of toco.engine.step):
+"""One training iteration with every loss active, timed by stage (docs/method.md §2-§3, in the order of toco.engine.step):
 multi-scale CAM, CTC views, the forward pass, PTC, CTC, PAR, seg and reg (DenseCRF) losses, backward, optimiser.
 
 The stages are the real `train_step` with its helper functions wrapped by timers (monkeypatched in

@@ -8,7 +8,7 @@ from toco.par import PAR
 
 
 def _slow_par(image, masks, dilations, num_iter, w1=0.3, w2=0.01):
-    """Pixel-by-pixel PAR (SPEC-DETAIL 3.4) with explicit clamped neighbour coordinates, float64."""
+    """Pixel-by-pixel PAR (docs/method.md §2.3) with explicit clamped neighbour coordinates, float64."""
     image, masks = image.double(), masks.double().clone()
     b, _, h, w = image.shape
     offs = [(dy * d, dx * d, d * (math.sqrt(2) if dy and dx else 1.0))

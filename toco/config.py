@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses whose defaults are the paper's VOC values (SPEC §1-4).
+"""Typed configuration: dataclasses whose defaults are the paper's VOC values (docs/method.md §1-§4).
 
 YAML files in `experiments/` override only what differs; `key=value` overrides on the command line
 (`optim.lr=1e-4`) are parsed as YAML scalars. An unknown key or a value of the wrong type fails before

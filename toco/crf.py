@@ -1,4 +1,4 @@
-"""Fully connected CRF post-processing (Kraehenbuehl & Koltun 2011), mean-field inference (SPEC 5, SPEC-DETAIL 5.2).
+"""Fully connected CRF post-processing (Kraehenbuehl & Koltun 2011), mean-field inference (docs/method.md §5.3).
 
 `dense_crf` is a drop-in replacement for the pydensecrf recipe the original uses at test time
 (`DenseCRF2D` + `unary_from_softmax` + `addPairwiseGaussian` + `addPairwiseBilateral` + `inference`), running

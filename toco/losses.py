@@ -1,4 +1,4 @@
-"""ToCo losses (SPEC 3, SPEC-DETAIL 2): classification, PTC, CTC, balanced segmentation CE, DenseCRF energy."""
+"""ToCo losses (docs/method.md §3): classification, PTC, CTC, balanced segmentation CE, DenseCRF energy."""
 from __future__ import annotations
 
 import math
@@ -10,14 +10,14 @@ from toco.filters import bilateral_filter
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC-DETAIL 2.1
+# docs/method.md §3.1
 def cls_loss(logits: torch.Tensor, cls_label: torch.Tensor) -> torch.Tensor:
     """Multilabel soft-margin loss (mean sigmoid-BCE over classes and batch). logits, cls_label: (B,C-1)."""
     return F.multilabel_soft_margin_loss(logits, cls_label.to(logits.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 3 PTC / SPEC-DETAIL 2.2
+# docs/method.md §3.2
 def ptc_loss(tokens: torch.Tensor, token_label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Patch token contrast.
 
@@ -73,7 +73,7 @@ def ctc_loss(student: torch.Tensor, teacher: torch.Tensor, flags: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 3 Segmentation / SPEC-DETAIL 2.4
+# docs/method.md §3.4
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Mean CE over non-ignored pixels; 0 (still attached to the graph) when there is none."""
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
@@ -94,7 +94,7 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
 
 
 # ----------------------------------------------------------------------------------------------------
-# SPEC 3 Regularised loss / SPEC-DETAIL 2.5, 8
+# docs/method.md §3.5
 class DenseCRFEnergy(torch.autograd.Function):
     """E = -(s/B) sum_k <P~_k, g (W P~_k)>, P~ = P * roi; backward -2 s g (W P~) / B * roi (the original's).
 

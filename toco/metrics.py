@@ -1,4 +1,4 @@
-"""Evaluation metrics: confusion matrix / per-class IoU / mIoU (SPEC 5, SPEC-DETAIL 5.3) and multilabel F1."""
+"""Evaluation metrics: confusion matrix / per-class IoU / mIoU (docs/method.md §5.4; F1: §5.1) and multilabel F1."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +52,7 @@ class ConfusionMatrix:
             return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
 
     def miou(self) -> float:
-        """Plain mean of the C per-class IoUs (SPEC 5.3). A class with neither ground truth nor prediction
+        """Plain mean of the C per-class IoUs (docs/method.md §5.4). A class with neither ground truth nor prediction
         has IoU NaN and is skipped (nanmean); over a full split every class is present, so this is the plain
         mean. NaN if no pixel was counted at all."""
         iou = self.iou()

@@ -1,4 +1,4 @@
-"""PAR: pixel-adaptive refinement of label maps (AFA, reused by ToCo). SPEC 2.3, SPEC-DETAIL 3.4.
+"""PAR: pixel-adaptive refinement of label maps (AFA, reused by ToCo). docs/method.md §2.3.
 
 For every pixel i the kernel over its 48 neighbours j (8 per dilation, 6 dilations, replicate padding) is
 

@@ -1,4 +1,4 @@
-"""Training augmentation (SPEC-DETAIL §4.3) and the Dataset wrappers the training loop consumes.
+"""Training augmentation (docs/method.md §4.3) and the Dataset wrappers the training loop consumes.
 
 All randomness comes from torch's global generator (torch.rand / torch.randint and torchvision's transforms),
 which DataLoader seeds per worker from its own generator: a fixed seed gives identical batches.

@@ -1,4 +1,4 @@
-"""Segmentation decoder and CTC projection head (SPEC §1)."""
+"""Segmentation decoder and CTC projection head (docs/method.md §1.3, §1.4)."""
 from __future__ import annotations
 
 import torch

@@ -6,7 +6,7 @@ STAMP := .venv/.installed            # + tests, benchmarks, Ray and Optuna
 # CUDA kernels compile with the toolkit here even without a GPU (torch needs CUDA_HOME set explicitly)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: help demo test test-fast ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
+.PHONY: help demo test test-fast gpu-check ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -81,6 +81,14 @@ submit: $(STAMP)  ## train SUBMIT_CONFIG on WORKERS Ray Train workers as a job o
 		toco train $(SUBMIT_CONFIG) --workers $(WORKERS) $(ARGS) \
 		tracking.tracking_uri=sqlite:///$(CURDIR)/mlruns/mlflow.db tracking.artifact_root=$(CURDIR)/mlruns/artifacts \
 		output_dir=$(CURDIR)/runs/submitted
+
+# The GPU check (benchmarks/gpu_check.py, docs/gpu.md): on the GPU machine it runs with that image's python3 and
+# packages (no .venv there: PYTHONPATH=.); here it runs its CPU part with .venv's. GPU_CHECK_OUT=$$OUT on the device.
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+gpu-check:  ## build and test the CUDA kernels, measure them, inference, the training step, 100 iterations
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONPATH=. \
+		$(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 synth: $(BASE_STAMP)  ## write the synthetic benchmark in the VOC layout to data/synthetic
 	$(TOCO) data synth --out data/synthetic

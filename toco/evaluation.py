@@ -548,6 +548,7 @@ class EvalOutcome:
     worker_peak_rss_mib: float
     class_names: tuple[str, ...]
     subset: str | None                 # why these numbers are not the whole split's, or None
+    steady_images_per_s: float | None = None  # from the first shard's arrival on: without start-up costs
 
     @property
     def images_per_s(self) -> float:
@@ -598,9 +599,9 @@ def subset_note(cfg: Config, split: str | None, n: int, total: int) -> str | Non
 
 
 def run_evaluation(job: EvalJob, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
-                   resume: bool = False, desc: str = "eval") -> EvalOutcome:
+                   resume: bool = False, desc: str = "eval", use_ray: bool | None = None) -> EvalOutcome:
     """Score the job's images in shards of `job.shard_size`, in this process (workers == 1, Ray never imported)
-    or on `workers` Ray Data actors; record each finished shard in out_dir/shards/<name>/ as it arrives, so a
+    or on `workers` Ray Data actors (`use_ray` forces either); record each finished shard in out_dir/shards/<name>/ as it arrives, so a
     killed evaluation continues with `resume=True` and ends with the numbers of an uninterrupted one.
     A corrupt image stops it with a DatasetError naming the file; the shards done are kept."""
     source = job.source()  # a missing dataset fails here, before any worker starts
@@ -619,23 +620,28 @@ def run_evaluation(job: EvalJob, workers: int = 1, gpus_per_worker: float = 0.0,
     with tqdm(total=n, initial=already, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0) as progress:
         if not todo:
             results = iter(())
-        elif workers > 1:
+        elif use_ray if use_ray is not None else workers > 1:
             from toco.distributed.evaluate import score_shards_on_ray
 
             results = score_shards_on_ray(job, todo, workers, gpus_per_worker, address)
         else:
             worker = ShardScorer(job)
             results = (worker(a, b) for a, b in todo)
+        first = None  # (time, images scored) when the first shard arrived: the steady rate starts there
         for result in results:
             if result.error:
                 raise DatasetError(result.error)
+            if first is None:
+                first = (time.perf_counter(), result.stop - result.start)
             _save_atomically(result.to_bytes(), folder / f"{result.start:09d}.npz")
             done[result.start] = result
             scored_now += result.stop - result.start
             progress.update(result.stop - result.start)
             if exit_after and scored_now >= exit_after * job.shard_size:
                 os._exit(1)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
+    steady = (scored_now - first[1]) / max(end - first[0], 1e-9) if first and scored_now > first[1] else None
     scores = Scores(source.num_classes, job.metrics)
     skipped, shares, probs_bytes, peak = [], {}, 0, 0.0
     for s in sorted(done):
@@ -647,7 +653,7 @@ def run_evaluation(job: EvalJob, workers: int = 1, gpus_per_worker: float = 0.0,
         peak = max(peak, result.peak_rss_mib)
     samples = done[0].samples if 0 in done else []
     return EvalOutcome(scores, samples, seconds, scored_now, skipped, shares, probs_bytes, peak,
-                       tuple(source.class_names), subset_note(job.cfg, job.split, n, total))
+                       tuple(source.class_names), subset_note(job.cfg, job.split, n, total), steady)
 
 
 # ----------------------------------------------------------------------------------------------------

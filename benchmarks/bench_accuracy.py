@@ -1,5 +1,7 @@
 """Accuracy is a benchmark too: mIoU on the synthetic val split of the checkpoint the session trains
-deterministically (conftest.trained_checkpoint), checked against benchmarks/baselines/<machine class>/accuracy.json.
+deterministically (conftest.trained_checkpoint), checked against benchmarks/baselines/accuracy.json: one file for
+every machine, since mIoU does not depend on a machine's speed (CPU models round floats differently, which
+can move it a little: the tolerance allows for that).
 
 `TOCO_BENCH_WRITE_BASELINE=1` (make bench-baseline) writes that file instead of checking it.
 """
@@ -8,7 +10,6 @@ import os
 
 import pytest
 
-from machine import machine_class
 from support import BASELINES
 from toco.data import build_source
 from toco.inference import MS_SCALES, InferenceSettings, evaluate_pseudo_labels, evaluate_split, load_trained_model
@@ -45,14 +46,14 @@ def test_accuracy_synthetic_val(benchmark, trained_checkpoint, accuracy):
 
 
 def test_miou_not_below_baseline(accuracy):
-    path = BASELINES / machine_class() / "accuracy.json"
+    path = BASELINES / "accuracy.json"
     if os.environ.get("TOCO_BENCH_WRITE_BASELINE") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict({k: round(accuracy[k], 4) for k in CHECKED}, tolerance=TOLERANCE),
                                    indent=1) + "\n")
         pytest.skip(f"wrote {path}")
     if not path.is_file():
-        pytest.skip(f"no accuracy baseline for machine class {machine_class()!r} ({path}): make bench-baseline")
+        pytest.skip(f"no accuracy baseline ({path}): make bench-baseline")
     baseline = json.loads(path.read_text())
     for key in CHECKED:
         floor = baseline[key] - baseline["tolerance"]

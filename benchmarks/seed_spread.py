@@ -1,0 +1,44 @@
+"""How much the accuracy recipe's mIoU moves with the training seed alone: trains support.ACCURACY from seeds
+0..N-1 on this tree and writes benchmarks/baselines/accuracy_seed_spread.json, from which `make bench-check
+ACCURACY=1` derives its tolerance. A property of the recipe, not of the machine; re-measure it when the recipe
+or the synthetic experiment changes (`make bench-seed-spread SEEDS=N`, about N x 200 s on 2 quiet cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from support import ACCURACY, BASELINES
+
+SPREAD_FILE = BASELINES / "accuracy_seed_spread.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("seeds", type=int, help="how many seeds to train (at least 3)")
+    seeds = parser.parse_args().seeds
+    if seeds < 3:
+        sys.exit(f"seed spread: train at least 3 seeds for a standard deviation worth the name, got {seeds}")
+    from cases import train_accuracy_recipe
+
+    runs = []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            metrics = train_accuracy_recipe(seed, out)
+        runs.append(dict(seed=seed, **{k: round(v, 4) for k, v in metrics.items()},
+                         train_s=round(time.perf_counter() - start)))
+        print(f"seed {seed}: " + ", ".join(f"{k}={v}" for k, v in runs[-1].items() if k != "seed"), flush=True)
+        if len(runs) >= 3:  # written after every seed from the third on: a long run interrupted keeps its seeds
+            std = {k: round(statistics.stdev(r[k] for r in runs), 4) for k in metrics}
+            SPREAD_FILE.write_text(json.dumps(dict(recipe=ACCURACY, std=std, runs=runs), indent=1) + "\n")
+            print(f"standard deviation over {len(runs)} seeds: {std}; wrote {SPREAD_FILE}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -46,12 +46,14 @@ BENCH_TIMER ?= $(if $(filter cpu-%,$(MACHINE)),time.process_time,time.perf_count
 BENCH_TOL ?= $(if $(filter cpu-%,$(MACHINE)),50,15)
 BENCH := $(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider -q
 # bench-check: REF (origin/main when there is one), rounds per case, torch threads per worker, the timer the
-# verdict reads (cpu | wall), CASES (comma-separated subset), ACCURACY=1 to train both revisions from
-# ACCURACY_SEEDS too, REF_PYTHON for a ref whose dependencies differ from this tree's
+# verdict reads (cpu | wall), the smallest slowdown that fails (FLOOR, a fraction), CASES (comma-separated
+# subset), ACCURACY=1 to train both revisions from ACCURACY_SEEDS too, REF_PYTHON for a ref whose dependencies
+# differ from this tree's
 REF ?= $(if $(shell git rev-parse -q --verify origin/main 2>/dev/null),origin/main,main)
 ROUNDS ?= 15
 THREADS ?= 1
 TIMER ?= cpu
+FLOOR ?= 0.2
 ACCURACY ?= 0
 ACCURACY_SEEDS ?= 0
 SPREAD_SEEDS ?= 5
@@ -60,7 +62,7 @@ bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, lo
 	$(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-autosave --benchmark-storage=file://.benchmarks
 
 bench-check: $(STAMP)  ## A/B against REF, interleaved on this machine: fail on a slowdown beyond the measured noise
-	$(PY) benchmarks/check.py --ref $(REF) --rounds $(ROUNDS) --threads $(THREADS) --timer $(TIMER) \
+	$(PY) benchmarks/check.py --ref $(REF) --rounds $(ROUNDS) --threads $(THREADS) --timer $(TIMER) --floor $(FLOOR) \
 		$(if $(CASES),--cases $(CASES)) $(if $(REF_PYTHON),--ref-python $(REF_PYTHON)) \
 		$(if $(filter 1,$(ACCURACY)),--accuracy --seeds $(ACCURACY_SEEDS))
 

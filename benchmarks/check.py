@@ -185,11 +185,11 @@ def measure(case: str, workers: dict[str, Worker], rounds: int, rng: random.Rand
     return results
 
 
-def verdict_of(case: str, results: dict, timer: str) -> compare.Row:
+def verdict_of(case: str, results: dict, timer: str, floor: float = compare.FLOOR) -> compare.Row:
     """A worker that could not run the case (or died) makes it n/a for its revision; the note says why."""
     times = {label: r.get(timer) for label, r in results.items()}
     ref_ok = times["A"] is not None and times["A'"] is not None
-    row = compare.judge(case, times["A"] if ref_ok else None, times["B"], times["A'"] if ref_ok else None)
+    row = compare.judge(case, times["A"] if ref_ok else None, times["B"], times["A'"] if ref_ok else None, floor)
     errors = [f"{'head' if label == 'B' else 'ref'}: {r['error']}" for label, r in results.items() if "error" in r]
     if errors:
         row.note = "; ".join(dict.fromkeys(errors))
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
     parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu", help="what the verdict compares")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    parser.add_argument("--floor", type=float, default=compare.FLOOR, help="smallest slowdown that fails (0.2: 20 %%)")
     parser.add_argument("--ref-python", default=sys.executable,
                         help="the reference's interpreter, when its dependencies differ from this tree's")
     parser.add_argument("--accuracy", action="store_true", help="also train both revisions and compare mIoU")
@@ -267,6 +268,8 @@ def check(args) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise CheckError(f"unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
+    if not 0 <= args.floor < 10:
+        raise CheckError(f"--floor is a fraction (0.2 for 20 %), got {args.floor}")
     if args.rounds < 3:
         raise CheckError(f"--rounds must be at least 3 (the noise needs a spread), got {args.rounds}")
     try:
@@ -321,7 +324,7 @@ def check(args) -> int:
                             head_dirty=str(dirty), machine_class=machine_class(), host=platform.node(),
                             verdict="failed" if failed else "passed", failed=",".join(failed)),
                   params=dict(rounds=args.rounds, timer=args.timer, threads=args.threads, cases=",".join(cases),
-                              slowdown=slowdown or "none", z=compare.Z, floor=compare.FLOOR,
+                              slowdown=slowdown or "none", z=compare.Z, floor=args.floor,
                               accuracy_seeds=",".join(map(str, seeds)) if args.accuracy else "none"),
                   metrics=dict(metrics, seconds=elapsed), artifacts=[out / "table.md", out / "results.json"])
     return 1 if failed else 0
@@ -342,7 +345,7 @@ def run_workers(args, base: str, cases: list[str], slowdown: str, seeds: list[in
             rng, results, rows = random.Random(0), {}, []
             for case in cases:
                 results[case] = measure(case, workers, args.rounds, rng)
-                rows.append(verdict_of(case, results[case], args.timer))
+                rows.append(verdict_of(case, results[case], args.timer, args.floor))
                 r = rows[-1]
                 print(f"  {case}: {r.verdict}" + (f" (ratio {r.ratio:.3f}, tolerance {r.noise.tolerance:.3f})"
                                                   if r.noise else f" ({r.note})"), file=sys.stderr, flush=True)

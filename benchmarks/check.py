@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu", help="what the verdict compares")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     parser.add_argument("--floor", type=float, default=compare.FLOOR, help="smallest slowdown that fails (0.2: 20 %%)")
-    parser.add_argument("--ref-python", default=sys.executable,
-                        help="the reference's interpreter, when its dependencies differ from this tree's")
+    parser.add_argument("--ref-python", help="the reference's interpreter, when its dependencies differ from this "
+                                             "tree's (default: this one)")
     parser.add_argument("--accuracy", action="store_true", help="also train both revisions and compare mIoU")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds for --accuracy")
     args = parser.parse_args(argv)
@@ -285,7 +285,12 @@ def check(args) -> int:
     head = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     differ = dependency_difference(git("show", f"{base}:pyproject.toml"), (ROOT / "pyproject.toml").read_text())
-    if differ and args.ref_python == sys.executable:
+    if args.ref_python:
+        found = shutil.which(args.ref_python)
+        if not found:
+            raise CheckError(f"REF_PYTHON {args.ref_python!r} is not an executable")
+        args.ref_python = str(Path(found).absolute())
+    if differ and not args.ref_python:
         raise CheckError(f"the dependencies in pyproject.toml differ from {args.ref} ({base[:8]}): {differ}; install "
                          f"the ref's into another venv and pass REF_PYTHON=<its python>, or compare against a ref "
                          f"with the same dependencies")
@@ -336,8 +341,9 @@ def run_workers(args, base: str, cases: list[str], slowdown: str, seeds: list[in
     threads = {"TOCO_BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     ref_env = dict(threads, TORCH_EXTENSIONS_DIR=str(ROOT / ".benchmarks" / "check" / "ext-ref"))  # kept between checks
     with reference_tree(base) as ref_tree:
-        workers = {"A": Worker("A", ref_tree, args.ref_python, ref_env, out / "A.log"),
-                   "A'": Worker("A'", ref_tree, args.ref_python, ref_env, out / "A2.log"),
+        ref_python = args.ref_python or sys.executable
+        workers = {"A": Worker("A", ref_tree, ref_python, ref_env, out / "A.log"),
+                   "A'": Worker("A'", ref_tree, ref_python, ref_env, out / "A2.log"),
                    "B": Worker("B", ROOT, sys.executable, dict(threads, TOCO_BENCH_SLOWDOWN=slowdown), out / "B.log")}
         try:
             for worker in workers.values():

@@ -27,6 +27,17 @@ from cases import CASES, train_accuracy_recipe
 from compare import parse_slowdown
 
 
+def without_installed_toco() -> None:
+    """Drop the finders of an editable install (setuptools'): with PYTHONPATH on a revision's tree, a module that
+    revision lacks must be missing, not served from the tree the venv was installed from."""
+    def editable(hook) -> bool:
+        return getattr(hook, "__module__", "").startswith("__editable__")
+
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not editable(finder)]
+    sys.path_hooks[:] = [hook for hook in sys.path_hooks if not editable(hook)]
+    sys.path_importer_cache.clear()
+
+
 def timed(run) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     run()
@@ -79,6 +90,7 @@ def main() -> None:
         protocol.write(json.dumps(message) + "\n")
         protocol.flush()
 
+    without_installed_toco()
     import toco
     reply(ready=True, toco=toco.__file__, threads=threads, pid=os.getpid())
     serve(sys.stdin, reply, threads, slowdown)

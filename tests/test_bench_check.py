@@ -208,3 +208,15 @@ def test_accuracy_compares_the_same_seeds_against_the_stored_seed_spread(tmp_pat
     workers["B"] = FakeWorker("B", [], miou={0: 0.60})  # seed 1 fails on the head: n/a, not a verdict on one seed
     _, rows = check.accuracy(workers, [0, 1], tmp_path)
     assert [r.verdict for r in rows] == ["n/a", "n/a"]
+
+
+def test_a_worker_forgets_the_editable_install_of_toco(monkeypatch):
+    class Finder:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            return None
+    Finder.__module__ = "__editable___toco_0_1_0_finder"
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, Finder])
+    monkeypatch.setattr(sys, "path_hooks", list(sys.path_hooks))
+    worker.without_installed_toco()
+    assert Finder not in sys.meta_path and len(sys.meta_path) > 0

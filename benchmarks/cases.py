@@ -149,13 +149,14 @@ CASES = {f.__name__: f for f in (train_step, inference_ss, inference_ms_flip, bi
 
 # ----------------------------------------------------------------------------------------------------
 # accuracy
-def train_accuracy_recipe(seed: int, out_dir: str) -> dict[str, float]:
-    """Train support.ACCURACY (the synthetic experiment cut to 400 iterations) from `seed`; the final validation's
-    segmentation and CAM mIoU."""
+def train_accuracy_recipe(seed: int, out_dir: str, threads: int) -> dict[str, float]:
+    """Train support.ACCURACY (the synthetic experiment cut to 400 iterations) from `seed` on `threads` torch
+    threads (one wastes least on a busy machine); the final validation's segmentation and CAM mIoU."""
     from support import ACCURACY
 
     Trainer = entry("Trainer", "toco.engine.loop")
     cfg = synthetic_config([*ACCURACY, f"train.seed={seed}", f"output_dir={out_dir}", "train.device=cpu"])
+    cfg.train.threads = threads
     metrics = Trainer(cfg).fit().metrics
     try:
         return {"miou": metrics["val/miou_seg"], "miou_cam": metrics["val/miou_cam"]}

@@ -68,7 +68,7 @@ def serve(requests, reply, threads: int, slowdown: dict[str, float]) -> None:
             reply(wall=wall, cpu=cpu)
         elif op == "train":
             try:
-                reply(metrics=train_accuracy_recipe(request["seed"], request["out"]))
+                reply(metrics=train_accuracy_recipe(request["seed"], request["out"], threads))
             except Exception as err:
                 traceback.print_exc()
                 reply(error=f"{type(err).__name__}: {err}".splitlines()[0])

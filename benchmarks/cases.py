@@ -123,7 +123,8 @@ def dense_crf_loss():
 
     def run():
         probs.grad = None
-        loss_fn(image, probs, roi, label, sigma_xy=100.0, scale_factor=0.5, backend="cpu").backward()
+        # sigma_rgb 15, sigma_xy 100, scale 0.5, by position: revisions name the scale's keyword differently
+        loss_fn(image, probs, roi, label, 15.0, 100.0, 0.5, backend="cpu").backward()
     return warmed_up(run)
 
 

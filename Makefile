@@ -6,7 +6,8 @@ STAMP := .venv/.installed            # + tests, benchmarks, Ray and Optuna
 # CUDA kernels compile with the toolkit here even without a GPU (torch needs CUDA_HOME set explicitly)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: help demo test test-fast gpu-check ui ablation pretext venv synth clean bench bench-check bench-baseline sweep submit
+.PHONY: help demo test test-fast gpu-check ui ablation pretext venv synth clean bench bench-check \
+	bench-check-baseline bench-baseline bench-seed-spread sweep submit
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -45,27 +46,48 @@ pretext: $(STAMP)  ## classification pre-training on separately generated images
 ui: $(BASE_STAMP)  ## MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
 
-# Benchmarks (benchmarks/bench_*.py; never collected by `make test`). Baselines live per machine class in
-# benchmarks/baselines/<class>/ (speed.json from pytest-benchmark, accuracy.json); see docs/evaluation.md.
+# Benchmarks (benchmarks/, docs/benchmarks.md; never collected by `make test`). `bench` measures this tree;
+# `bench-check` times it against the merge base of REF and HEAD on this machine, in one interleaved run, with a
+# tolerance per case taken from the noise of that run; `bench-check-baseline` compares with the speed stored for
+# this machine class (benchmarks/baselines/<class>/speed.json, `bench-baseline`) and the stored mIoU.
 MACHINE = $(shell python3 benchmarks/machine.py)
 BASELINE = benchmarks/baselines/$(MACHINE)
-# what bench-check compares: CPU time on a CPU machine class (other work on a shared machine stretches wall time
-# 10-50x, CPU time 10-40%), wall time on a GPU machine; and how much slower (the fastest round) fails it, in %
+# the stored-baseline comparison's timer and tolerance (%): CPU time on a CPU class, wall time on a GPU class
 BENCH_TIMER ?= $(if $(filter cpu-%,$(MACHINE)),time.process_time,time.perf_counter)
 BENCH_TOL ?= $(if $(filter cpu-%,$(MACHINE)),50,15)
 BENCH := $(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider -q
+# bench-check: REF (origin/main when there is one), rounds per case, torch threads per worker, the timer the
+# verdict reads (cpu | wall), the smallest slowdown that fails (FLOOR, a fraction), CASES (comma-separated
+# subset), ACCURACY=1 to train both revisions from ACCURACY_SEEDS too, REF_PYTHON for a ref whose dependencies
+# differ from this tree's
+REF ?= $(if $(shell git rev-parse -q --verify origin/main 2>/dev/null),origin/main,main)
+ROUNDS ?= 15
+THREADS ?= 1
+TIMER ?= cpu
+FLOOR ?= 0.2
+ACCURACY ?= 0
+ACCURACY_SEEDS ?= 0
+SPREAD_SEEDS ?= 5
 
 bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, log every result to MLflow
 	$(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-autosave --benchmark-storage=file://.benchmarks
 
-bench-check: $(STAMP)  ## fail on a slowdown beyond BENCH_TOL% or an mIoU drop beyond the baseline's tolerance
+bench-check: $(STAMP)  ## A/B against REF, interleaved on this machine: fail on a slowdown beyond the measured noise
+	$(PY) benchmarks/check.py --ref $(REF) --rounds $(ROUNDS) --threads $(THREADS) --timer $(TIMER) --floor $(FLOOR) \
+		$(if $(CASES),--cases $(CASES)) $(if $(REF_PYTHON),--ref-python $(REF_PYTHON)) \
+		$(if $(filter 1,$(ACCURACY)),--accuracy --seeds $(ACCURACY_SEEDS))
+
+bench-check-baseline: $(STAMP)  ## fail on a slowdown beyond BENCH_TOL% against this machine class's stored speed, or an mIoU drop
 	@test -f $(BASELINE)/speed.json || { echo "no baseline for machine class $(MACHINE): make bench-baseline"; exit 1; }
 	$(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-compare=$(BASELINE)/speed.json \
 		--benchmark-compare-fail=min:$(BENCH_TOL)% --benchmark-json=.benchmarks/check-$(MACHINE).json
 
-bench-baseline: $(STAMP)  ## re-measure this machine class's baselines (then commit benchmarks/baselines/)
+bench-baseline: $(STAMP)  ## re-measure this machine class's speed and the stored mIoU (then commit benchmarks/baselines/)
 	mkdir -p $(BASELINE)
 	TOCO_BENCH_WRITE_BASELINE=1 $(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-json=$(BASELINE)/speed.json
+
+bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds: the spread bench-check ACCURACY=1 allows
+	$(PY) benchmarks/seed_spread.py $(SPREAD_SEEDS)
 
 sweep: $(STAMP)  ## Ray Tune + Optuna + ASHA over loss weights and thresholds (ARGS=--resume / --restart)
 	$(TOCO) sweep experiments/sweeps/synthetic.yaml $(ARGS)

@@ -14,32 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from inputs import photo, photo_batch, probability_maps
 from toco import crf, kernels
 from toco.filters import bilateral_filter
 from toco.losses import dense_crf_loss
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def photo(name: str, size: tuple[int, int]) -> np.ndarray:
-    """(H,W,3) uint8 skimage photograph resized to size."""
-    from skimage import data
-    from skimage.transform import resize
-
-    return (resize(getattr(data, name)(), size, anti_aliasing=True) * 255).round().astype(np.uint8)
-
-
-def photo_batch(size: int) -> torch.Tensor:
-    """(4,3,size,size) float 0-255: the four PHOTOS."""
-    return torch.stack([torch.from_numpy(photo(n, (size, size))).permute(2, 0, 1).float() for n in PHOTOS])
-
-
-def probability_maps(batch: int, k: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """Softmax of smooth random logits plus noise (what a segmentation head produces): (batch,k,H,W)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, k, max(2, size[0] // 16), max(2, size[1] // 16), generator=g) * 3
-    logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return torch.softmax(logits + torch.randn(batch, k, *size, generator=g), dim=1)
 
 
 def gpu_sync() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from support import PeakMemory, bench_config, bench_device, large_enabled
 from toco.data.synthetic import generate_sample
-from toco.inference import MS_SCALES, InferenceSettings, predict_image
+from toco.evaluation import MS_SCALES, InferenceSettings, predict_image
 from toco.models import build_model
 
 MODES = {

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 
-from toco.config import Config, load_config
-
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ROOT / "benchmarks" / "baselines"
 
@@ -36,7 +34,11 @@ def large_enabled() -> bool:
     return torch.cuda.is_available() or os.environ.get("TOCO_BENCH_LARGE") == "1"
 
 
-def bench_config(kind: str) -> Config:
+def bench_config(kind: str):
+    """The `toco.config.Config` of a benchmark model (imported here: the A/B workers import this module on any
+    revision of toco for the recipes above)."""
+    from toco.config import load_config
+
     if kind == "tiny":
         return load_config(ROOT / "experiments" / "synthetic.yaml", TINY)
     if kind == "vit_b16_448":

@@ -17,14 +17,12 @@ from toco.data import (
     SYNTH_CLASS_NAMES,
     VOC_CLASS_NAMES,
     DatasetError,
-    EvalDataset,
     SyntheticSource,
     TrainDataset,
     TrainTransform,
     build_source,
     coco_source,
     denormalize,
-    eval_collate,
     generate_sample,
     normalize,
     random_crop,
@@ -309,9 +307,8 @@ def test_voc_reader_and_labels(voc_root):
     assert t.mask is None and np.flatnonzero(t.cls_label).tolist() == [0, 19]
     test = voc_source(voc_root, "test")
     assert test.load(0).mask is None and test.load(0).cls_label is None
-    ev = EvalDataset(voc_source(voc_root, "val"), val_size=32)[0]
-    assert ev["image"].shape == (3, 32, 32) and ev["mask"].shape == (24, 18) and ev["mask"].dtype == torch.int64
-    assert ev["raw"].shape == (24, 18, 3) and ev["raw"].dtype == torch.uint8
+    val = voc_source(voc_root, "val").load(0)
+    assert val.image.shape == (24, 18, 3) and val.mask.shape == (24, 18)
 
 
 def test_voc_fallbacks_png_images_and_segmentation_class(voc_root):
@@ -471,14 +468,9 @@ def test_train_dataset_never_returns_the_mask_and_is_reproducible():
     assert a[0]["image"].shape == (4, 3, 48, 48) and a[0]["cls_label"].shape == (4, 4)
 
 
-def test_eval_collate_and_normalisation(voc_root):
-    ev = EvalDataset(voc_source(voc_root, "train_aug"), val_size=None)
-    mixed = eval_collate([ev[0], ev[1]])                                    # different sizes -> lists
-    assert isinstance(mixed["mask"], list) and mixed["mask"][1].shape == (24, 18)
-    assert mixed["cls_label"].shape == (2, 20) and mixed["name"] == ["2007_000032", "2007_000039"]
-    one = eval_collate([ev[0]])
-    assert one["image"].shape == (1, 3, 20, 30) and one["raw"].shape == (1, 20, 30, 3)
-    back = denormalize(one["image"])[0].permute(1, 2, 0)
-    assert torch.allclose(back, one["raw"][0].float(), atol=1e-3)
+def test_normalisation_round_trips(voc_root):
+    raw = voc_source(voc_root, "train_aug").load(0).image
+    back = denormalize(normalize(raw)[None])[0].permute(1, 2, 0)
+    assert torch.allclose(back, torch.from_numpy(raw).float(), atol=1e-3)
     assert torch.allclose(normalize(np.full((2, 2, 3), 255, np.uint8))[:, 0, 0],
                           (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))

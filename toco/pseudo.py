@@ -105,7 +105,6 @@ def _present_keys(cls_label: torch.Tensor):
     Returns keys (B,K) int64 indexing the [bg, cam_1..cam_{C-1}] stack (= class ids) and valid (B,K) bool.
     Present classes are listed in increasing order, bg first, like the original's nonzero().
     """
-    b = cls_label.shape[0]
     present = torch.cat([torch.ones_like(cls_label[:, :1]), cls_label], dim=1) > 0  # (B,C)
     k = int(present.sum(dim=1).max())
     # Stable sort puts present channels first while keeping their order.

@@ -24,11 +24,9 @@ from toco.data.synthetic import (
 from toco.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    EvalDataset,
     TrainDataset,
     TrainTransform,
     denormalize,
-    eval_collate,
     normalize,
     random_crop,
     seed_worker,
@@ -38,6 +36,6 @@ __all__ = [
     "COCO_CLASS_NAMES", "IGNORE_INDEX", "VOC_CLASS_NAMES", "DatasetError", "FolderSource", "Sample", "build_source",
     "coco_source", "labels_from_mask", "save_mask_png", "synthetic_folder_source", "voc_palette", "voc_source",
     "SYNTH_CLASS_NAMES", "SyntheticSource", "generate_sample", "trivial_baselines", "write_synthetic",
-    "IMAGENET_MEAN", "IMAGENET_STD", "EvalDataset", "TrainDataset", "TrainTransform", "denormalize",
-    "eval_collate", "normalize", "random_crop", "seed_worker",
+    "IMAGENET_MEAN", "IMAGENET_STD", "TrainDataset", "TrainTransform", "denormalize",
+    "normalize", "random_crop", "seed_worker",
 ]

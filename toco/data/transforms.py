@@ -12,7 +12,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
@@ -159,46 +158,6 @@ class TrainDataset(Dataset):
         out = self.transform(sample.image)
         return {"name": sample.name, "image": out["image"], "cls_label": torch.from_numpy(sample.cls_label.copy()),
                 "img_box": out["img_box"], "global2": out["global2"], "local_image": out["local_image"]}
-
-
-class EvalDataset(Dataset):
-    """Source -> dict(name, image (3,V,V) normalised and bilinearly resized (V = val_size; None keeps the size),
-    mask int64 (H,W) at the original size (all 255 where the split has no masks), cls_label float32 (C-1,)
-    (zeros without masks), raw uint8 (H,W,3) original image)."""
-
-    def __init__(self, source, val_size: int | None = 448):
-        self.source, self.val_size = source, val_size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict:
-        sample = self.source.load(i)
-        h, w = sample.image.shape[:2]
-        image = normalize(sample.image)                                     # (3,H,W)
-        if self.val_size is not None:
-            # like the original's validate(): resize the normalised tensor, aspect ratio not kept
-            image = F.interpolate(image[None], size=(self.val_size, self.val_size), mode="bilinear",
-                                  align_corners=False)[0]
-        mask = (torch.from_numpy(sample.mask.astype(np.int64)) if sample.mask is not None
-                else torch.full((h, w), 255, dtype=torch.int64))
-        label = (torch.from_numpy(sample.cls_label.copy()) if sample.cls_label is not None
-                 else torch.zeros(self.source.num_classes - 1))
-        return {"name": sample.name, "image": image, "mask": mask, "cls_label": label,
-                "raw": torch.from_numpy(np.ascontiguousarray(sample.image))}
-
-
-def eval_collate(batch: list[dict]) -> dict:
-    """Stack tensors whose shapes agree across the batch (always true for batch size 1 or equal-size images);
-    otherwise keep a list. Strings become lists."""
-    out = {}
-    for key in batch[0]:
-        values = [b[key] for b in batch]
-        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = values
-    return out
 
 
 def seed_worker(worker_id: int) -> None:

@@ -24,3 +24,17 @@ def tiny_cfg():
 def tiny_model(tiny_cfg):
     torch.manual_seed(0)
     return build_model(tiny_cfg.model, tiny_cfg.data.num_classes)
+
+
+def cli_user_error(argv, capsys) -> str:
+    """Run the CLI expecting a user error: exit status 2, one line on stderr, no traceback; returns that line."""
+    from toco.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    message = err.strip().splitlines()[-1]  # after any progress bar
+    assert message.startswith(f"toco {argv[0]}: "), err
+    return message

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_user_error
 from toco.cli import main
 from toco.config import save_config
 from toco.engine.checkpoint import save_checkpoint
-
-
-def _fail(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err, err
-    message = err.strip().splitlines()[-1]  # after any progress bar
-    assert message.startswith(f"toco {argv[0]}: "), err
-    return message
 
 
 @pytest.fixture
@@ -50,7 +40,7 @@ def _runs(tiny_cfg) -> list:
     (["train.max_iters=many"], "train.max_iters"),
 ])
 def test_a_mistake_in_train_is_one_line_and_leaves_no_run_behind(store, tiny_cfg, capsys, overrides, message):
-    assert message in _fail(["train", str(store), *overrides], capsys)
+    assert message in cli_user_error(["train", str(store), *overrides], capsys)
     assert _runs(tiny_cfg) == []
 
 
@@ -59,18 +49,18 @@ def test_a_resume_checkpoint_that_does_not_fit_is_one_line(store, tiny_cfg, tiny
 
     state = dict(model=tiny_model.state_dict(), optimizer={}, scheduler={}, iteration=2, rng=torch.get_rng_state())
     save_checkpoint(tmp_path / "other.pt", state)
-    message = _fail(["train", str(store), "--resume", str(tmp_path / "other.pt"), "data.num_classes=4"], capsys)
+    message = cli_user_error(["train", str(store), "--resume", str(tmp_path / "other.pt"), "data.num_classes=4"], capsys)
     assert "does not fit" in message and "data.num_classes" in message
     save_checkpoint(tmp_path / "best.pt", dict(model=tiny_model.state_dict(), iteration=2))
-    message = _fail(["train", str(store), "--resume", str(tmp_path / "best.pt")], capsys)
+    message = cli_user_error(["train", str(store), "--resume", str(tmp_path / "best.pt")], capsys)
     assert "holds no training state" in message and "last.pt" in message
-    assert "does not exist" in _fail(["train", str(store), "--resume", str(tmp_path / "none.pt")], capsys)
+    assert "does not exist" in cli_user_error(["train", str(store), "--resume", str(tmp_path / "none.pt")], capsys)
     assert _runs(tiny_cfg) == []
 
 
 def test_a_dataset_error_in_eval_is_one_line(store, tiny_model, tmp_path, capsys):
     save_checkpoint(tmp_path / "last.pt", dict(model=tiny_model.state_dict()))
-    message = _fail(["eval", str(store), "--checkpoint", str(tmp_path / "last.pt"), "data.name=voc",
+    message = cli_user_error(["eval", str(store), "--checkpoint", str(tmp_path / "last.pt"), "data.name=voc",
                      "data.root=nowhere", "data.num_classes=5"], capsys)
     assert "nowhere" in message
 
@@ -92,9 +82,9 @@ def test_data_check_lists_every_bad_file(tmp_path, capsys):
 
 def test_data_synth_checks_its_arguments_before_making_folders(tmp_path, capsys):
     out = tmp_path / "synth"
-    assert "num_classes" in _fail(["data", "synth", "--out", str(out), "--num-classes", "500"], capsys)
-    assert "size" in _fail(["data", "synth", "--out", str(out), "--size", "8"], capsys)
-    assert ">= 0" in _fail(["data", "synth", "--out", str(out), "--train", "-1"], capsys)
+    assert "num_classes" in cli_user_error(["data", "synth", "--out", str(out), "--num-classes", "500"], capsys)
+    assert "size" in cli_user_error(["data", "synth", "--out", str(out), "--size", "8"], capsys)
+    assert ">= 0" in cli_user_error(["data", "synth", "--out", str(out), "--train", "-1"], capsys)
     assert not out.exists()
 
 

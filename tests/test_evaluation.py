@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from conftest import cli_user_error
 from toco.config import Config, save_config
 from toco.data import voc_source
 from toco.data.transforms import normalize
@@ -241,20 +242,6 @@ def checkpoint_dir(tmp_path, tiny_cfg, tiny_model):
     return folder
 
 
-def _fail(argv, capsys) -> str:
-    """Run the CLI expecting a user error: exit status 2, one line on stderr, no traceback."""
-    from toco.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err, err
-    message = err.strip().splitlines()[-1]  # after any progress bar
-    assert message.startswith(f"toco {argv[0]}: "), err
-    return message
-
-
 def test_a_checkpoint_of_another_model_is_a_clear_error(checkpoint_dir, tiny_cfg, capsys):
     tiny_cfg.data.num_classes = 7
     with pytest.raises(CheckpointError, match="number of classes"):
@@ -266,7 +253,7 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(checkpoint_dir, tiny_cfg
     torch.save({"model": object()}, checkpoint_dir / "code.pt")  # needs unpickling of arbitrary objects
     with pytest.raises(CheckpointError, match="weights-only"):
         load_trained_model(tiny_cfg, checkpoint_dir / "code.pt")
-    err = _fail(["predict", "x.png", "--checkpoint", str(checkpoint_dir / "last.pt"), "--out", "o",
+    err = cli_user_error(["predict", "x.png", "--checkpoint", str(checkpoint_dir / "last.pt"), "--out", "o",
                  "data.num_classes=7"], capsys)
     assert "data.num_classes" in err
 
@@ -302,10 +289,10 @@ def test_predict_handles_odd_images_and_skips_a_corrupt_one(checkpoint_dir, tmp_
         shares = json.loads((out / "class_shares.json").read_text())
         assert sorted(shares) == ["gray", "large", "rgba"]
         assert all(sum(s.values()) == pytest.approx(1, abs=1e-3) for s in shares.values())
-    _fail(["predict", str(tmp_path / "empty.txt"), "--checkpoint", str(checkpoint_dir / "last.pt"), "--out",
+    cli_user_error(["predict", str(tmp_path / "empty.txt"), "--checkpoint", str(checkpoint_dir / "last.pt"), "--out",
            str(tmp_path / "o")], capsys)
     (tmp_path / "empty.txt").write_text("\n")
-    assert "no images" in _fail(["predict", str(tmp_path / "empty.txt"), "--checkpoint",
+    assert "no images" in cli_user_error(["predict", str(tmp_path / "empty.txt"), "--checkpoint",
                                  str(checkpoint_dir / "last.pt"), "--out", str(tmp_path / "o")], capsys)
 
 
@@ -383,7 +370,7 @@ def test_a_corrupt_image_stops_the_evaluation_naming_it_and_keeps_the_shards_don
     data = tmp_path / "data"
     (data / "JPEGImages" / "synth_val_000003.png").write_bytes(b"not a png")
     out = tmp_path / "eval_out"
-    err = _fail(["eval", str(synthetic_on_disk), "--checkpoint", str(checkpoint_dir / "last.pt"), "--out", str(out),
+    err = cli_user_error(["eval", str(synthetic_on_disk), "--checkpoint", str(checkpoint_dir / "last.pt"), "--out", str(out),
                  "--shard-size", "2", "tracking.enabled=false"], capsys)
     assert "synth_val_000003.png" in err
     assert sorted(p.name for p in (out / "shards" / "val").glob("*.npz")) == ["000000000.npz"]

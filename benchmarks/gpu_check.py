@@ -173,7 +173,8 @@ def check_training() -> dict:
                 self.rates.append(metrics["train/iters_per_s"])
 
     iters = 100 if GPU else 4
-    workers = min(8, (os.cpu_count() or 2) - 1) if GPU else 0
+    # the generator makes ~7 samples/s per process at 448 px (docs/gpu.md): 12 keep a 60-ms step of 4 fed
+    workers = min(12, (os.cpu_count() or 2) - 2) if GPU else 0
     with tempfile.TemporaryDirectory() as run_dir:  # its checkpoints (1.6 GB at ViT-B) are not results
         cfg = paper_config(f"train.max_iters={iters}", f"train.log_every={max(iters // 10, 1)}",
                            f"train.eval_every={iters}", f"train.ckpt_every={iters}", "train.val_limit=8",

@@ -105,7 +105,7 @@ submit: $(STAMP)  ## train SUBMIT_CONFIG on WORKERS Ray Train workers as a job o
 		output_dir=$(CURDIR)/runs/submitted
 
 # The GPU check (benchmarks/gpu_check.py, docs/gpu.md): on the GPU machine it runs with that image's python3 and
-# packages (no .venv there: PYTHONPATH=.); here it runs its CPU part with .venv's. GPU_CHECK_OUT=$$OUT on the device.
+# packages (no .venv there: PYTHONPATH=.); here it runs its CPU part with .venv's. GPU_CHECK_OUT: where results go.
 GPU_CHECK_OUT ?= runs/gpu_check
 GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 gpu-check:  ## build and test the CUDA kernels, measure them, inference, the training step, 100 iterations

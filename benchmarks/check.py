@@ -339,7 +339,13 @@ def run_workers(args, base: str, cases: list[str], slowdown: str, seeds: list[in
     """Workers A and A' on a worktree of `base`, B on this tree; every case measured, then the accuracy
     trainings when asked for. Returns the raw times, the rows, the accuracy results and rows."""
     threads = {"TOCO_BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    ref_env = dict(threads, TORCH_EXTENSIONS_DIR=str(ROOT / ".benchmarks" / "check" / "ext-ref"))  # kept between checks
+    # the reference's kernel builds are kept between checks, one folder per version of its kernel sources: a
+    # build from other sources is never reused (its objects could be newer than the backdated checkout)
+    try:
+        kernel_sources = git("rev-parse", f"{base}:csrc")
+    except CheckError:  # a revision without native kernels
+        kernel_sources = "none"
+    ref_env = dict(threads, TORCH_EXTENSIONS_DIR=str(ROOT / ".benchmarks" / "check" / "ext-ref" / kernel_sources[:12]))
     with reference_tree(base) as ref_tree:
         ref_python = args.ref_python or sys.executable
         workers = {"A": Worker("A", ref_tree, ref_python, ref_env, out / "A.log"),

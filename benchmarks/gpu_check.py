@@ -150,12 +150,16 @@ def check_inference() -> dict:
 
 
 def check_train_step() -> dict:
-    from profile_step import loader_rate, profile_train_step
+    from profile_step import TrainingIteration, loader_rate, profile_train_step
 
     result = {}
     for precision in ("fp32", "bf16"):
-        profile = profile_train_step(paper_config(f"train.precision={precision}"), DEVICE, rounds=5 if GPU else 2)
-        result[f"train_step_{precision}"] = profile
+        cfg = paper_config(f"train.precision={precision}")
+        iteration = TrainingIteration(cfg, DEVICE)
+        if precision == "fp32":
+            result.update(iteration.flops())
+        result[f"train_step_{precision}"] = profile_train_step(cfg, DEVICE, rounds=5 if GPU else 2,
+                                                               iteration=iteration)
     result["loader_images_per_s_per_process"] = loader_rate(paper_config(), images=24 if GPU else 4)
     return result
 
@@ -174,7 +178,7 @@ def check_training() -> dict:
 
     iters = 100 if GPU else 4
     # the generator makes ~7 samples/s per process at 448 px (docs/gpu.md): 12 keep a 60-ms step of 4 fed
-    workers = min(12, (os.cpu_count() or 2) - 2) if GPU else 0
+    workers = max(0, min(12, (os.cpu_count() or 2) - 2)) if GPU else 0
     with tempfile.TemporaryDirectory() as run_dir:  # its checkpoints (1.6 GB at ViT-B) are not results
         cfg = paper_config(f"train.max_iters={iters}", f"train.log_every={max(iters // 10, 1)}",
                            f"train.eval_every={iters}", f"train.ckpt_every={iters}", "train.val_limit=8",

@@ -1,5 +1,7 @@
-"""A training step timed stage by stage, and the data loader's rate: what `bench_train_step.py`, `bench_loader.py`
-and the GPU check (`gpu_check.py`) measure.
+"""A training step timed stage by stage, its FLOPs, and the data loader's rate: what `bench_train_step.py`,
+`bench_loader.py` and the GPU check (`gpu_check.py`) measure. Run as a script it profiles the paper's VOC
+setting (experiments/smoke/voc_shape.yaml: ViT-B/16, 448, batch 4, 21 classes) on this machine's device:
+`PYTHONPATH=. python benchmarks/profile_step.py [--precision bf16] [--rounds N] [--flops]`.
 
 The stages are the real `train_step` with its helper functions wrapped by timers (patched into toco.engine.step
 for the duration), so nothing here re-implements the step; `other` is what the named stages leave out. Each stage
@@ -61,50 +63,82 @@ def _patched_stages(timer: StageTimer):
             setattr(step_module, name, fn)
 
 
-def profile_train_step(cfg, device: torch.device, rounds: int = 3, warmup: int = 1) -> dict:
-    """One training iteration with every loss active, `rounds` times after `warmup`: mean wall and CPU ms per
-    stage, the step's ms without timers, and peak memory (MiB) of one step."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.num_classes).to(device).train()
-    par = PAR(cfg.pseudo.par_dilations, cfg.pseudo.par_iters).to(device)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_iters)
-    batch = _to(next(iter(build_loaders(cfg)[0])), device)
-    iteration = max(cfg.loss.seg_start, cfg.loss.ptc_ctc_start)  # every loss active
+class TrainingIteration:
+    """One training iteration of `cfg` with every loss active, on a fixed batch: `run()` is train_step, backward
+    and the optimizer step, as the loop runs them."""
 
-    def step(net, timer: StageTimer | None) -> None:
-        generator = torch.Generator(device=device).manual_seed(0)
-        result = train_step(net, par, batch, cfg, iteration, generator)
+    def __init__(self, cfg, device: torch.device):
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg.model, cfg.data.num_classes).to(device).train()
+        self.par = PAR(cfg.pseudo.par_dilations, cfg.pseudo.par_iters).to(device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_iters)
+        self.batch = _to(next(iter(build_loaders(cfg)[0])), device)
+        self.iteration = max(cfg.loss.seg_start, cfg.loss.ptc_ctc_start)  # every loss active
+
+    def run(self, net=None, timer: StageTimer | None = None) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        result = train_step(net or self.model, self.par, self.batch, self.cfg, self.iteration, generator)
         with timer.stage("backward") if timer else _nothing():
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             result.total.backward()
-            zero_grads_of_waiting_heads(model, cfg, iteration)
+            zero_grads_of_waiting_heads(self.model, self.cfg, self.iteration)
         with timer.stage("optimizer") if timer else _nothing():
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
 
+    def timed(self) -> float:
+        """Seconds of one plain iteration, the device synchronised at both ends."""
+        sync(self.device)
+        start = time.perf_counter()
+        self.run()
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def flops(self) -> dict[str, float]:
+        """FLOPs of one iteration (torch.utils.flop_counter: matrix products and convolutions, forward and
+        backward), and of the multi-scale CAM alone."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        cam = {}
+        original = step_module.multi_scale_cam
+
+        def counted(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:
+                out = original(*args, **kwargs)
+            cam["flops"] = counter.get_total_flops()
+            return out
+
+        step_module.multi_scale_cam = counted
+        try:
+            with FlopCounterMode(display=False) as total:
+                self.run()
+        finally:
+            step_module.multi_scale_cam = original
+        return dict(step_tflop=total.get_total_flops() / 1e12, multi_scale_cam_tflop=cam.get("flops", 0) / 1e12)
+
+
+def profile_train_step(cfg, device: torch.device, rounds: int = 3, warmup: int = 1,
+                       iteration: TrainingIteration | None = None) -> dict:
+    """One training iteration with every loss active, `rounds` times after `warmup`: mean wall and CPU ms per
+    stage, the iteration's ms without timers (median of `rounds`), and peak memory (MiB) of one iteration."""
+    it = iteration or TrainingIteration(cfg, device)
     timer = StageTimer(device)
-    timed = TimedModel(model, timer)
+    timed = TimedModel(it.model, timer)
     with _patched_stages(timer):
         for _ in range(warmup + rounds):
             timer.new_round()
             with timer.stage("total"):
-                step(timed, timer)
-    del model.update_teacher  # the class's method again: untimed
-    wall, cpu = timer.mean(skip=warmup), timer.mean(skip=warmup, cpu=True)
-    for stages in (wall, cpu):  # the forward stage includes the EMA update it calls
-        stages["forward"] -= stages.get("ema", 0.0)
-    plain = []
-    for _ in range(rounds):
-        sync(device)
-        start = time.perf_counter()
-        step(model, None)
-        sync(device)
-        plain.append(time.perf_counter() - start)
+                it.run(timed, timer)
+    del it.model.update_teacher  # the class's method again: untimed
+    nested = {"ema": "forward"}  # the forward stage includes the EMA update it calls
+    wall, cpu = timer.mean(skip=warmup, nested=nested), timer.mean(skip=warmup, cpu=True, nested=nested)
+    plain = sorted(it.timed() for _ in range(rounds))
     with PeakMemory(device) as peak:
-        step(model, None)
-    b, _, h, w = batch["image"].shape
+        it.run()
+    b, _, h, w = it.batch["image"].shape
     return dict(stages_ms={k: 1000 * v for k, v in wall.items()}, stages_cpu_ms={k: 1000 * v for k, v in cpu.items()},
-                step_ms=1000 * sorted(plain)[len(plain) // 2], peak_mem_mib=peak.mib, batch=f"{b}x3x{h}x{w}",
+                step_ms=1000 * plain[len(plain) // 2], peak_mem_mib=peak.mib, batch=f"{b}x3x{h}x{w}",
                 precision=cfg.train.precision, device=device.type)
 
 
@@ -127,3 +161,31 @@ def loader_rate(cfg, images: int = 24, source=None) -> float:
     for i in range(images):
         dataset[1 + i % (len(dataset) - 1)]
     return images / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from support import bench_config, format_stages
+
+    parser = argparse.ArgumentParser(description="the paper-size training step by stage")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--flops", action="store_true", help="also count the iteration's FLOPs")
+    args = parser.parse_args(argv)
+    cfg = bench_config("vit_b16_448")
+    cfg.train.precision = args.precision
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    it = TrainingIteration(cfg, device)
+    if args.flops:
+        print(", ".join(f"{k} {v:.2f}" for k, v in it.flops().items()))
+    profile = profile_train_step(cfg, device, args.rounds, iteration=it)
+    print(f"{profile['batch']} {args.precision} on {device.type}: {profile['step_ms']:.0f} ms per iteration, "
+          f"peak {profile['peak_mem_mib']:.0f} MiB")
+    print(format_stages({k: v / 1000 for k, v in profile["stages_ms"].items()},
+                        {k: v / 1000 for k, v in profile["stages_cpu_ms"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,11 +139,14 @@ class StageTimer:
                 return fn(*args, **kwargs)
         return timed
 
-    def mean(self, skip: int = 0, cpu: bool = False) -> dict[str, float]:
-        """Mean per round of each stage, with `other` = total - the named stages."""
+    def mean(self, skip: int = 0, cpu: bool = False, nested: dict[str, str] | None = None) -> dict[str, float]:
+        """Mean per round of each stage, with `other` = total - the named stages. `nested` maps a stage timed
+        inside another to that one, whose time then excludes it."""
         rounds = (self.cpu_rounds if cpu else self.rounds)[skip:]
         names = {k for r in rounds for k in r}
         stages = {k: sum(r.get(k, 0.0) for r in rounds) / len(rounds) for k in names}
+        for inner, outer in (nested or {}).items():
+            stages[outer] -= stages.get(inner, 0.0)
         stages["other"] = stages["total"] - sum(v for k, v in stages.items() if k != "total")
         return stages
 

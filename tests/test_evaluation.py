@@ -19,7 +19,7 @@ from toco.data import voc_source
 from toco.data.transforms import normalize
 from toco.engine.checkpoint import CheckpointError, load_trained_model, save_checkpoint
 from toco.evaluation import (VALIDATION, EvalJob, ImageScorer, InferenceSettings, PredictionWriter, Scores,
-                             crf_refine, run_evaluation, score_images, segment, write_results)
+                             crf_refine, predict_image, run_evaluation, score_images, segment, write_results)
 
 
 class PixelModel(nn.Module):
@@ -208,6 +208,19 @@ def test_crf_cleans_noisy_probabilities_along_image_edges():
     truth = np.broadcast_to(np.arange(24)[None, :] >= 12, (24, 24)).astype(np.int64)
     assert clean.shape == (24, 24) and clean.dtype == np.int64
     assert (noisy != truth).any() and (clean == truth).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_test_time_path_on_the_gpu_predicts_what_it_predicts_on_the_cpu(tiny_model):
+    """MS + flip + CRF on the GPU (the CUDA CRF on GPU probabilities) against the same on the CPU (C++ CRF)."""
+    tiny_model.eval()
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    settings = InferenceSettings(scales=(1.0, 1.25), flip=True, crf=True)
+    on_cpu = predict_image(tiny_model, image, settings, torch.device("cpu"))
+    on_gpu = predict_image(tiny_model.cuda(), image, settings, torch.device("cuda"))
+    assert on_gpu.shape == on_cpu.shape == (40, 56)
+    assert (on_gpu == on_cpu).mean() >= 0.99  # two lattices, two float roundings; logits agree to ~1e-5
 
 
 def test_toco_eval_with_the_validation_protocol_repeats_in_training_validation(tiny_cfg, tmp_path):

@@ -601,8 +601,9 @@ def subset_note(cfg: Config, split: str | None, n: int, total: int) -> str | Non
 def run_evaluation(job: EvalJob, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
                    resume: bool = False, desc: str = "eval", use_ray: bool | None = None) -> EvalOutcome:
     """Score the job's images in shards of `job.shard_size`, in this process (workers == 1, Ray never imported)
-    or on `workers` Ray Data actors (`use_ray` forces either); record each finished shard in out_dir/shards/<name>/ as it arrives, so a
-    killed evaluation continues with `resume=True` and ends with the numbers of an uninterrupted one.
+    or on `workers` Ray Data actors (`use_ray` forces either); record each finished shard in
+    out_dir/shards/<name>/ as it arrives, so a killed evaluation continues with `resume=True` and ends with the
+    numbers of an uninterrupted one.
     A corrupt image stops it with a DatasetError naming the file; the shards done are kept."""
     source = job.source()  # a missing dataset fails here, before any worker starts
     total = len(source)

@@ -170,6 +170,30 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    statuses = sorted((r.info.run_name, r.info.status) for r in trials)
+    assert [status for _, status in statuses] == ["FINISHED"] * 3, (statuses, resumed.stdout[-3000:])
     for r in trials:
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/cls")) == list(range(1, 9))
+
+
+def test_settle_runs_ends_what_an_interrupted_sweep_left_open(tmp_path):
+    """Interrupted: only RUNNING runs become KILLED. Finished: every run takes the status Tune saw, also one an
+    interruption left KILLED."""
+    import mlflow
+
+    from toco.tracking import settle_runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("settle", artifact_location=str(tmp_path / "artifacts"))
+    ids = {status: client.create_run(experiment).info.run_id for status in ("RUNNING", "KILLED", "FINISHED")}
+    for status in ("KILLED", "FINISHED"):
+        client.set_terminated(ids[status], status)
+
+    def statuses():
+        return {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+
+    settle_runs(uri, {run_id: "KILLED" for run_id in ids.values()}, only_running=True)
+    assert statuses() == {"RUNNING": "KILLED", "KILLED": "KILLED", "FINISHED": "FINISHED"}
+    settle_runs(uri, {run_id: "FINISHED" for run_id in ids.values()})
+    assert statuses() == {"RUNNING": "FINISHED", "KILLED": "FINISHED", "FINISHED": "FINISHED"}

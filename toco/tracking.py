@@ -83,13 +83,15 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict
     retry_locked(lambda: client.set_terminated(run_id, status))
 
 
-def end_open_runs(tracking_uri: str, run_ids: list, status: str) -> None:
-    """End the runs among `run_ids` that are still RUNNING (their processes were stopped)."""
+def settle_runs(tracking_uri: str, statuses: dict, only_running: bool = False) -> None:
+    """Give each run (id -> status) that status where it has another one, or with `only_running` where it is still
+    RUNNING: runs whose processes were stopped, or whose end was lost when a sweep was interrupted."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
-    for run_id in filter(None, run_ids):
-        if client.get_run(run_id).info.status == "RUNNING":
+    for run_id, status in statuses.items():
+        current = client.get_run(run_id).info.status
+        if current != status and (current == "RUNNING" or not only_running):
             retry_locked(lambda: client.set_terminated(run_id, status))
 
 

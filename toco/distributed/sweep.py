@@ -265,13 +265,17 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
     wall_file.write_text(f"{wall:.1f}")
     ended = results.num_terminated + results.num_errors  # Tune's own count of trials that ran to their end
     out_of_time = spec.time_budget_s is not None and wall >= 0.98 * spec.time_budget_s
-    if not out_of_time and ended < spec.num_samples:
-        # Ctrl-C: Tune saved its state and returned early; the runs of the trials it stopped are still open
-        if base.tracking.enabled:
-            from toco.tracking import end_open_runs
+    interrupted = not out_of_time and ended < spec.num_samples
+    if base.tracking.enabled:
+        from toco.tracking import settle_runs
 
-            end_open_runs(base.tracking.tracking_uri, [_trial_run_id(sweep_dir, Path(r.path).name)
-                                                       for r in results if r.path], "KILLED")
+        # Ctrl-C: Tune saved its state and returned early; the runs of the trials it stopped are still open. A
+        # finished sweep: every trial's run ends as Tune saw the trial end, also one whose end an interruption lost
+        trials = [(_trial_run_id(sweep_dir, Path(r.path).name), r.error) for r in results if r.path]
+        settle_runs(base.tracking.tracking_uri,
+                    {run_id: "KILLED" if interrupted else "FAILED" if error else "FINISHED"
+                     for run_id, error in trials if run_id}, only_running=interrupted)
+    if interrupted:
         if parent:
             parent.end("KILLED")
         raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - ended} of "

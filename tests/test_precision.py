@@ -62,10 +62,11 @@ def test_300_bf16_iterations_follow_the_fp32_loss_curve(tiny_cfg, tmp_path):
     for step in fp32:
         for key in ("train/cls", "train/aux_cls", "train/ptc", "train/seg"):
             if key in fp32[step]:
-                # stated tolerance: each 50-iteration mean within 5 % of fp32's (measured: at most 3 %)
+                # stated tolerance: each 50-iteration mean within 5 % of fp32's (measured: at most 4.3 %)
                 assert bf16[step][key] == pytest.approx(fp32[step][key], rel=0.05), (step, key)
-    # CTC's local crops are drawn where the CAM crosses thresholds, so bf16 draws other crops and its windows
-    # wander more (up to 16 % here); its mean over the run is within 12 % (measured: 8 %)
+    # CTC's local crops and which of them are negatives follow the CAM's thresholds, so bf16 draws other crops and
+    # its windows wander more; its mean over the run is within 12 % (measured: 0.4 % with the default rule, 8 %
+    # with `uncertain`, 20 % with `not_background`, whose negatives hinge on the thresholds more)
     ctc = {p: [losses["train/ctc"] for losses in curve.steps.values()] for p, curve in curves.items()}
     assert sum(ctc["bf16"]) == pytest.approx(sum(ctc["fp32"]), rel=0.12)
     assert fp32[300]["train/seg"] < fp32[150]["train/seg"] and bf16[300]["train/seg"] < bf16[150]["train/seg"]

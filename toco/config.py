@@ -101,7 +101,7 @@ class PseudoConfig:
     high_thre: float = 0.7
     low_thre: float = 0.25
     uncertain_ratio: float = 0.2         # CTC local crop is negative at or below this share ...
-    ctc_negative_rule: Literal["uncertain", "not_background", "original"] = "not_background"  # ... of these
+    ctc_negative_rule: Literal["uncertain", "not_background", "original"] = "original"  # ... of these
                                          # pixels (toco.pseudo.crop_from_roi; docs/deviations.md)
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     par_iters: int = 10

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from gpu_check import timed  # noqa: E402
 from inputs import photo, probability_maps  # noqa: E402
 from toco.config import load_config  # noqa: E402
 from toco.evaluation import MS_SCALES, InferenceSettings, crf_refine, segment  # noqa: E402
@@ -31,16 +30,6 @@ from toco.models import build_model  # noqa: E402
 
 COCO_VAL_IMAGES = 40504
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's figure for dense bf16 (no sparsity)
-
-
-def seconds(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -69,10 +58,10 @@ def main(argv=None) -> int:
     with FlopCounterMode(display=False) as counter:
         logits = network()
     tflop = counter.get_total_flops() / 1e12
-    net_s = seconds(network, args.rounds)
+    net_s = timed(network, args.rounds)
     rgb = photo("astronaut", (480, 640))
     probs = probability_maps(1, cfg.data.num_classes, (480, 640))[0]
-    crf_s = seconds(lambda: crf_refine(rgb, probs.numpy(), backend="cpu"), args.rounds)
+    crf_s = timed(lambda: crf_refine(rgb, probs.numpy(), backend="cpu"), args.rounds)
     assert logits.shape == (1, 81, 480, 640)
 
     cpu_rate = args.workers / (net_s + crf_s)

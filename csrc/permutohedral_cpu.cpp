@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "permutohedral.h"
+#include "splat_plan.h"
 
 namespace {
 
@@ -231,6 +232,13 @@ struct Lattice {
     return total;
   }
 
+  // Image b's vertex row (1..M) of every (point, simplex vertex) entry, (N*(D+1),): what the CUDA splat plans over.
+  torch::Tensor entry_rows(int64_t b) const {
+    TORCH_CHECK(b >= 0 && b < batch, "permutohedral: image ", b, " of ", batch);
+    const auto& row = images[b].row;
+    return torch::from_blob(const_cast<int32_t*>(row.data()), {int64_t(row.size())}, torch::kInt32).clone();
+  }
+
   // scale * post * L(pre * values), written to a new tensor or added into `out`.
   torch::Tensor filter(const torch::Tensor& values_in, int64_t mode, double scale,
                        const c10::optional<torch::Tensor>& pre_in, const c10::optional<torch::Tensor>& post_in,
@@ -366,7 +374,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>(),
            "scale * post * alpha S B S^T (pre * values) for values (B, K, N) and optional pre/post (B, N); "
            "mode 0 forward, 1 reverse (its transpose), 2 symmetric (their mean); added into `out` if given")
-      .def_property_readonly("num_vertices", &Lattice::num_vertices);
+      .def_property_readonly("num_vertices", &Lattice::num_vertices)
+      .def("entry_rows", &Lattice::entry_rows, pybind11::arg("image") = 0);
+  m.def(
+      "splat_plan",
+      [](const torch::Tensor& vertex_row, int64_t num_vertices, int64_t max_chunk) {
+        const toco::SplatPlan plan = toco::make_splat_plan(vertex_row, num_vertices, max_chunk);
+        return pybind11::make_tuple(plan.order, plan.chunk_start, plan.chunk_end, plan.vertex_chunks, plan.chunk_size);
+      },
+      pybind11::arg("vertex_row"), pybind11::arg("num_vertices"), pybind11::arg("max_chunk") = 0,
+      "The CUDA build's splat plan (splat_plan.h) for entries on vertices 1..num_vertices: (order, chunk_start, "
+      "chunk_end, vertex_chunks, chunk_size)");
   m.def("gaussian_blur", &gaussian_blur, pybind11::arg("values"), pybind11::arg("sigma"), pybind11::arg("radius"),
         pybind11::arg("scale") = 1.0, pybind11::arg("pre") = pybind11::none(), pybind11::arg("post") = pybind11::none(),
         pybind11::arg("out") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>(),

@@ -6,8 +6,8 @@
 // claimed a slot; the keys themselves live in the per-entry key array written by the previous kernel, so
 // comparing against another thread's key only reads memory finished before this kernel started. The image
 // index salts the hash and is compared too, so images of a batch never share vertices.
-// Splatting gathers over a CSR (vertex -> entries) built with torch.sort, so no float atomics are needed
-// and results are deterministic, like the CPU's.
+// Splatting is a segmented sum over the entries sorted by vertex, in chunks (splat_plan.h), so no float atomics
+// are needed and results are deterministic, like the CPU's.
 #include <torch/extension.h>
 // c10 only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers that a bare nvcc toolkit may lack.
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "permutohedral.h"
+#include "splat_plan.h"
 
 namespace {
 
@@ -38,7 +39,10 @@ __global__ void insert_kernel(const int32_t* __restrict__ keys, int64_t num_entr
   const int64_t image = e / entries_per_image;
   const int32_t* key = keys + e * D;
   for (uint32_t h = toco::hash_key<D>(key, uint32_t(image)) & mask;; h = (h + 1) & mask) {
-    const int32_t owner = atomicCAS(table + h, -1, int32_t(e));
+    // A claimed slot never changes, so a plain read that finds it claimed is final: the many entries of one
+    // vertex then compare keys without queueing on one address for an atomic.
+    int32_t owner = __ldcg(table + h);
+    if (owner == -1) owner = atomicCAS(table + h, -1, int32_t(e));
     if (owner == -1 || (owner / entries_per_image == image && toco::keys_equal<D>(keys + int64_t(owner) * D, key))) {
       slot_of[e] = int32_t(h);
       return;
@@ -78,18 +82,30 @@ __global__ void neighbour_kernel(const int32_t* __restrict__ keys, const int32_t
 
 // Lattice buffers are vertex-major (M+1, K); values and outputs channels-first (B, K, N) like torch's.
 
-__global__ void splat_kernel(const int32_t* __restrict__ start, const int32_t* __restrict__ point,
-                             const float* __restrict__ weight, const float* __restrict__ x,
-                             const float* __restrict__ pre, int64_t M, int64_t K, int64_t N,
-                             float* __restrict__ lattice) {
+// Pass 1: the sum of one chunk of sorted entries (at most C), per channel.
+__global__ void splat_chunk_kernel(const int32_t* __restrict__ chunk_start, const int32_t* __restrict__ chunk_end,
+                                   const int32_t* __restrict__ point, const float* __restrict__ weight,
+                                   const float* __restrict__ x, const float* __restrict__ pre, int64_t chunks,
+                                   int64_t K, int64_t N, float* __restrict__ partial) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= chunks * K) return;
+  const int64_t c = idx / K, k = idx % K;
+  float acc = 0.0f;
+  for (int32_t e = chunk_start[c]; e < chunk_end[c]; ++e) {
+    const int64_t p = point[e], b = p / N;
+    acc += weight[e] * x[(b * K + k) * N + (p - b * N)] * (pre ? pre[p] : 1.0f);
+  }
+  partial[idx] = acc;
+}
+
+// Pass 2: a vertex's value is the sum of its chunks, in order.
+__global__ void splat_vertex_kernel(const int32_t* __restrict__ vertex_chunks, const float* __restrict__ partial,
+                                    int64_t M, int64_t K, float* __restrict__ lattice) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= M * K) return;
   const int64_t m = idx / K, k = idx % K;
   float acc = 0.0f;
-  for (int32_t e = start[m]; e < start[m + 1]; ++e) {
-    const int64_t p = point[e], b = p / N;
-    acc += weight[e] * x[(b * K + k) * N + (p - b * N)] * (pre ? pre[p] : 1.0f);
-  }
+  for (int32_t c = vertex_chunks[m]; c < vertex_chunks[m + 1]; ++c) acc += partial[int64_t(c) * K + k];
   lattice[(m + 1) * K + k] = acc;
 }
 
@@ -121,8 +137,10 @@ __global__ void slice_kernel(const int32_t* __restrict__ row, const float* __res
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 struct Lattice {
-  int64_t batch = 0, num_points = 0, dim = 0, num_vertices = 0;
-  torch::Tensor vertex_row, vertex_weight, neighbours, splat_start, splat_point, splat_weight;
+  int64_t batch = 0, num_points = 0, dim = 0, num_vertices = 0, chunk_size = 0, max_entries = 0;
+  // the splat plan (splat_plan.h), with the sorted entries' points and weights
+  torch::Tensor vertex_row, vertex_weight, neighbours, splat_point, splat_weight, chunk_start, chunk_end,
+      vertex_chunks;
 
   torch::Tensor filter(const torch::Tensor& values, int64_t mode, double scale, const c10::optional<torch::Tensor>& pre,
                        const c10::optional<torch::Tensor>& post, c10::optional<torch::Tensor> out) const;
@@ -138,7 +156,7 @@ torch::Tensor point_scale(const c10::optional<torch::Tensor>& t, int64_t B, int6
 }
 
 template <int D>
-Lattice build_lattice(const torch::Tensor& features) {
+Lattice build_lattice(const torch::Tensor& features, int64_t max_chunk) {
   const int64_t B = features.size(0), N = features.size(1), P = B * N, E = P * (D + 1);
   TORCH_CHECK(E < (int64_t(1) << 30), "permutohedral: too many points for int32 indices");
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -183,12 +201,14 @@ Lattice build_lattice(const torch::Tensor& features) {
         slot_vertex.data_ptr<int32_t>(), mask, lat.neighbours.data_ptr<int32_t>());
   check_launch();
 
-  // Splat CSR: entries sorted by vertex; start[m] = number of entries on vertices < m.
-  auto sorted = torch::sort(lat.vertex_row, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const torch::Tensor order = std::get<1>(sorted);
-  lat.splat_point = torch::div(order, D + 1, "floor").to(torch::kInt32);
-  lat.splat_weight = weights.index_select(0, order);
-  lat.splat_start = torch::bincount(lat.vertex_row, {}, M + 1).cumsum(0).to(torch::kInt32);
+  const toco::SplatPlan plan = toco::make_splat_plan(lat.vertex_row, M, max_chunk);
+  lat.splat_point = torch::div(plan.order, D + 1, "floor").to(torch::kInt32);
+  lat.splat_weight = weights.index_select(0, plan.order);
+  lat.chunk_start = plan.chunk_start;
+  lat.chunk_end = plan.chunk_end;
+  lat.vertex_chunks = plan.vertex_chunks;
+  lat.chunk_size = plan.chunk_size;
+  lat.max_entries = plan.max_entries;
   return lat;
 }
 
@@ -215,10 +235,16 @@ torch::Tensor Lattice::filter(const torch::Tensor& values_in, int64_t mode, doub
   const torch::Tensor post = point_scale(post_in, batch, N, values.device(), "post");
   if (M == 0 || K == 0) return out;
 
+  const int64_t chunks = chunk_start.numel();
+  torch::Tensor partial = torch::empty({chunks, K}, values.options());
+  splat_chunk_kernel<<<grid_for(chunks * K), kThreads, 0, stream>>>(
+      chunk_start.data_ptr<int32_t>(), chunk_end.data_ptr<int32_t>(), splat_point.data_ptr<int32_t>(),
+      splat_weight.data_ptr<float>(), values.data_ptr<float>(), pre.defined() ? pre.data_ptr<float>() : nullptr,
+      chunks, K, N, partial.data_ptr<float>());
+  check_launch();
   torch::Tensor splat = torch::zeros({M + 1, K}, values.options());
-  splat_kernel<<<grid_for(M * K), kThreads, 0, stream>>>(
-      splat_start.data_ptr<int32_t>(), splat_point.data_ptr<int32_t>(), splat_weight.data_ptr<float>(),
-      values.data_ptr<float>(), pre.defined() ? pre.data_ptr<float>() : nullptr, M, K, N, splat.data_ptr<float>());
+  splat_vertex_kernel<<<grid_for(M * K), kThreads, 0, stream>>>(vertex_chunks.data_ptr<int32_t>(),
+                                                               partial.data_ptr<float>(), M, K, splat.data_ptr<float>());
   check_launch();
 
   auto blur_all = [&](torch::Tensor a, bool reverse) {
@@ -257,7 +283,7 @@ torch::Tensor Lattice::filter(const torch::Tensor& values_in, int64_t mode, doub
   return out;
 }
 
-Lattice build(const torch::Tensor& features_in) {
+Lattice build(const torch::Tensor& features_in, int64_t max_chunk) {
   TORCH_CHECK(features_in.dim() == 3, "permutohedral: features must be (B, N, D)");
   TORCH_CHECK(features_in.is_cuda(), "permutohedral (cuda build): features must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(features_in.device());
@@ -266,12 +292,12 @@ Lattice build(const torch::Tensor& features_in) {
   TORCH_CHECK(features.numel() == 0 || features.abs().max().item<float>() < 1e6f,
               "permutohedral: feature magnitudes above 1e6 (divide positions/colours by their sigmas)");
   switch (features.size(2)) {
-    case 1: return build_lattice<1>(features);
-    case 2: return build_lattice<2>(features);
-    case 3: return build_lattice<3>(features);
-    case 4: return build_lattice<4>(features);
-    case 5: return build_lattice<5>(features);
-    case 6: return build_lattice<6>(features);
+    case 1: return build_lattice<1>(features, max_chunk);
+    case 2: return build_lattice<2>(features, max_chunk);
+    case 3: return build_lattice<3>(features, max_chunk);
+    case 4: return build_lattice<4>(features, max_chunk);
+    case 5: return build_lattice<5>(features, max_chunk);
+    case 6: return build_lattice<6>(features, max_chunk);
     default: TORCH_CHECK(false, "permutohedral: feature dimension must be 1..6, got ", features.size(2));
   }
 }
@@ -287,7 +313,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>(),
            "scale * post * alpha S B S^T (pre * values) for values (B, K, N) and optional pre/post (B, N); "
            "mode 0 forward, 1 reverse (its transpose), 2 symmetric (their mean); added into `out` if given")
-      .def_readonly("num_vertices", &Lattice::num_vertices);
-  m.def("build", &build, pybind11::arg("features"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "Build the lattice of features (B, N, D) float32 on a CUDA device, D in 1..6");
+      .def_readonly("num_vertices", &Lattice::num_vertices)
+      .def_readonly("max_entries", &Lattice::max_entries)
+      .def_readonly("chunk_size", &Lattice::chunk_size);
+  m.def("build", &build, pybind11::arg("features"), pybind11::arg("max_chunk") = 0,
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "Build the lattice of features (B, N, D) float32 on a CUDA device, D in 1..6; the splat sums at most "
+        "max_chunk entries per thread (0: about the square root of the largest vertex's count)");
 }

@@ -228,6 +228,24 @@ def test_cuda_arches_come_from_the_visible_gpu_else_torch_cuda_arch_list(monkeyp
     assert kernels.cuda_arch_flags(["80", "90"])[-1] == "-gencode=arch=compute_90,code=compute_90"
 
 
+def test_cuda_home_is_found_from_the_nvcc_on_path(monkeypatch, tmp_path):
+    """A toolkit reachable only through PATH (no CUDA_HOME, none at /usr/local/cuda) is found and exported."""
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(nvcc.parent))
+    monkeypatch.setattr(kernels, "DEFAULT_CUDA_HOME", str(tmp_path / "none"))
+    assert kernels.cuda_home() == str(tmp_path / "cuda") == os.environ["CUDA_HOME"]
+    monkeypatch.setenv("CUDA_HOME", "/opt/elsewhere")  # set explicitly, it wins
+    assert kernels.cuda_home() == "/opt/elsewhere"
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert kernels.cuda_home() is None
+
+
 def test_cuda_build_is_named_after_its_arches(monkeypatch, tmp_path):
     """The arches are in the build directory's name (the cache key on disk) and in the nvcc flags."""
     (tmp_path / "bin").mkdir()
@@ -292,8 +310,54 @@ def test_gaussian_blur_is_the_exact_spatial_gaussian(cpu_ext):
     assert torch.allclose(blurred.reshape(2, 3, -1), expected.float(), rtol=1e-3, atol=1e-3)
 
 
+def flat_region_image(height: int = 375, width: int = 500) -> torch.Tensor:
+    """(1,3,H,W) in 0-255: a photograph with a uniform grey block over 60 % of it, the lattice's hot-vertex case
+    (thousands of pixels of one colour within one sigma_xy land on the same vertices)."""
+    image = photo("astronaut", 64)
+    image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
+    image[..., : int(0.6 * height), :] = 128.0
+    return image
+
+
+def crf_features(image: torch.Tensor) -> torch.Tensor:
+    """The CRF's bilateral kernel (sxy 121, srgb 5) on `image`: what the GPU check's CRF case filters."""
+    return lattice_features(image, 121.0, 5.0)
+
+
+@pytest.mark.parametrize("max_chunk", [0, 1, 7, 10 ** 6])
+def test_splat_plan_sums_each_vertex_exactly_once_in_bounded_chunks(cpu_ext, max_chunk):
+    """The CUDA splat's plan (csrc/splat_plan.h), on the real entries of an image with a large flat region: its
+    chunks partition each vertex's run of sorted entries, no chunk holds more than C entries nor does a vertex
+    hold more than about sqrt(largest run) chunks with the automatic C, and summing chunk by chunk, then vertex
+    by vertex, gives every vertex's direct sum."""
+    lattice = cpu_ext.build(crf_features(flat_region_image(120, 160)))
+    rows, m = lattice.entry_rows(0).long(), lattice.num_vertices
+    order, chunk_start, chunk_end, vertex_chunks, chunk_size = cpu_ext.splat_plan(rows.int(), m, max_chunk)
+    counts = torch.bincount(rows, minlength=m + 1)[1:]
+    assert counts.max() > 50 * counts.float().median()  # a hot vertex: the case the plan is for
+    assert torch.equal(rows[order], rows.sort(stable=True).values)
+    sizes = (chunk_end - chunk_start).long()
+    assert (sizes >= 1).all() and sizes.max() <= chunk_size
+    assert chunk_size == (max_chunk or max(16, int(np.ceil(np.sqrt(counts.max().item())))))
+    chunks_per_vertex = vertex_chunks.diff().long()
+    assert torch.equal(chunks_per_vertex, (counts + chunk_size - 1) // chunk_size)
+    if not max_chunk:  # no thread of either pass adds more than ~2 sqrt(largest run) terms
+        assert chunks_per_vertex.max() <= chunk_size + 1
+    assert chunk_start[0] == 0 and chunk_end[-1] == rows.numel() and torch.equal(chunk_end[:-1], chunk_start[1:])
+
+    values = torch.rand(rows.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    running = torch.cat([torch.zeros(1, dtype=torch.float64), values[order].cumsum(0)])
+    partial = running[chunk_end.long()] - running[chunk_start.long()]          # pass 1: one sum per chunk
+    by_chunk = torch.cat([torch.zeros(1, dtype=torch.float64), partial.cumsum(0)])
+    per_vertex = by_chunk[vertex_chunks[1:].long()] - by_chunk[vertex_chunks[:-1].long()]  # pass 2
+    direct = torch.zeros(m + 1, dtype=torch.float64).index_add_(0, rows, values)[1:]
+    torch.testing.assert_close(per_vertex, direct, rtol=1e-9, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------
-# CUDA: the extension must compile wherever nvcc is; numerical checks need a GPU.
+# CUDA: compiled and checked on a GPU machine (`make gpu-check` runs these); skipped elsewhere.
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: make gpu-check builds it there")
 def test_cuda_extension_compiles_and_imports():
     home = kernels.cuda_home()
     if not home or not Path(home, "bin", "nvcc").exists():
@@ -467,3 +531,21 @@ def test_cuda_auto_falls_back_to_the_cpu_lattice_for_gpu_tensors(gpu, monkeypatc
     assert out.is_cuda and rel_err(out.cpu(), expected) < 1e-4
     with pytest.raises(kernels.KernelBuildError, match="gpu fallback test"):
         BilateralFilter(img.cuda(), 7.0, 15.0, backend="cuda")
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("height,width,classes", [(375, 500, 21), (480, 640, 81)])
+def test_cuda_splat_of_a_flat_region_matches_the_cpu_lattice(gpu, height, width, classes):
+    """The chunked splat on the hot-vertex case at the CRF's sizes (VOC 500x375x21, COCO 640x480x81): the CPU
+    lattice's values to float rounding, whatever the chunk size (1 entry per chunk, automatic, one chunk per
+    vertex as before the chunking)."""
+    cpu_ext, cuda_ext = gpu
+    feats = crf_features(flat_region_image(height, width))
+    vals = torch.rand(1, classes, height * width, generator=torch.Generator().manual_seed(4))
+    expected = Lattice(feats, "cpu").filter(vals, "forward")
+    for max_chunk in (0, 1, 1 << 30):
+        lattice = cuda_ext.build(feats.cuda(), max_chunk)
+        assert lattice.max_entries > 1000  # the hot vertex is there
+        got = lattice.filter(vals.cuda(), 0).cpu()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -120,11 +121,17 @@ def load_cpu():
 
 
 def cuda_home() -> str | None:
-    """CUDA_HOME, defaulting to /usr/local/cuda when that exists (and exporting it for cpp_extension)."""
+    """CUDA_HOME (or CUDA_PATH); else the toolkit of the nvcc on PATH, else /usr/local/cuda when it has nvcc. The
+    one found is exported as CUDA_HOME for cpp_extension."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if not home and Path(DEFAULT_CUDA_HOME, "bin", "nvcc").exists():
-        home = os.environ["CUDA_HOME"] = DEFAULT_CUDA_HOME
-    return home
+    if home:
+        return home
+    on_path = shutil.which("nvcc")
+    for candidate in ([Path(on_path).resolve().parent.parent] if on_path else []) + [Path(DEFAULT_CUDA_HOME)]:
+        if (candidate / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(candidate)
+            return str(candidate)
+    return None
 
 
 def cuda_arches() -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 from compare import judge_accuracy
 from support import BASELINES
 from toco.data import build_source
-from toco.engine.checkpoint import load_trained_model
+from toco.checkpoint import load_trained_model
 from toco.evaluation import MS_SCALES, PSEUDO_LABELS, InferenceSettings, evaluate_model
 
 CHECKED = ("miou", "miou_cam")  # segmentation (200 iterations of it) and the CAMs, the stronger signal here

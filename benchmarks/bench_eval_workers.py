@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from support import bench_config
-from toco.engine.checkpoint import save_checkpoint
+from toco.checkpoint import save_checkpoint
 from toco.evaluation import MS_SCALES, EvalJob, InferenceSettings, run_evaluation
 from toco.models import build_model
 
@@ -40,11 +40,17 @@ def test_sharded_evaluation(benchmark, checkpoint, tmp_path, mode, workers):
     def run():
         job = EvalJob(cfg, path, "val", ("seg",), MODES[mode], str(tmp_path / f"{len(outcomes)}"), shard_size=10)
         # ray_1: one actor, Ray Data's path with the in-process path's threads: its overhead alone
-        outcomes.append(run_evaluation(job, workers=n, use_ray=workers != "in_process"))
+        if workers == "in_process":
+            outcomes.append(run_evaluation(job))
+        else:
+            from toco.distributed.evaluate import ray_shard_scorer
+
+            outcomes.append(run_evaluation(job, score_shards=ray_shard_scorer(n)))
 
     benchmark.group = f"sharded evaluation {mode}"
     benchmark.pedantic(run, rounds=1, iterations=1)
     outcome = outcomes[-1]
     benchmark.extra_info.update(mode=mode, workers=workers, device="cpu", images=outcome.scores.images,
                                 images_per_s=outcome.images_per_s, steady_images_per_s=outcome.steady_images_per_s,
-                                worker_peak_rss_mib=outcome.worker_peak_rss_mib, peak_mem_mib=outcome.worker_peak_rss_mib)
+                                worker_peak_rss_mib=outcome.worker_peak_rss_mib,
+                                peak_mem_mib=outcome.worker_peak_rss_mib)

@@ -25,3 +25,11 @@ def probability_maps(batch: int, k: int, size: tuple[int, int], seed: int = 0) -
     logits = torch.randn(batch, k, max(2, size[0] // 16), max(2, size[1] // 16), generator=g) * 3
     logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return torch.softmax(logits + torch.randn(batch, k, *size, generator=g), dim=1)
+
+
+def flat_photo(size: tuple[int, int], flat_share: float = 0.6) -> np.ndarray:
+    """(H,W,3) uint8: the astronaut photograph with one uniform grey block over its top `flat_share`, the permutohedral
+    lattice's hardest case (a flat region puts thousands of pixels on one lattice vertex)."""
+    image = photo("astronaut", size)
+    image[: int(flat_share * size[0])] = 128
+    return image

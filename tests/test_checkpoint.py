@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toco.engine.checkpoint import CheckpointError, check_compatible, export_encoder, load_checkpoint, save_checkpoint
+from toco.checkpoint import CheckpointError, check_compatible, export_encoder, load_checkpoint, save_checkpoint
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from conftest import cli_user_error
 from toco.cli import main
 from toco.config import save_config
-from toco.engine.checkpoint import save_checkpoint
+from toco.checkpoint import save_checkpoint
 
 
 @pytest.fixture

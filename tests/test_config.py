@@ -3,7 +3,7 @@ import pytest
 import os
 from pathlib import Path
 
-from toco.config import Config, ConfigError, absolute_input_paths, flatten, load_config, save_config
+from toco.config import Config, ConfigError, absolute_paths, flatten, load_config, save_config
 
 
 def test_defaults_are_the_papers_voc_values():
@@ -43,7 +43,6 @@ def test_overrides_are_typed_yaml_scalars():
     ("optim.betas=[0.9]", "optim.betas"),
     ("nonsense", "key=value"),
     ("model.pooling=max", "model.pooling': 'max' is not one of"),
-    ("data.name=cityscapes", "data.name"),
     ("loss.reg_backend=gpu", "loss.reg_backend"),
     ("train.device=tpu", "train.device"),
     ("loss.reg_scale=0.5", "it is now 'loss.reg_downscale'"),
@@ -52,6 +51,16 @@ def test_overrides_are_typed_yaml_scalars():
 def test_bad_keys_and_types_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config("experiments/synthetic.yaml", [override])
+
+
+def test_an_unknown_dataset_fails_before_a_run_naming_the_key_and_the_known_ones():
+    """Datasets are entries of one registry (toco.data.DATASETS); the run's checks reject any other name."""
+    from toco.data import DATASETS, DatasetError
+    from toco.run import check_before_run
+
+    with pytest.raises(DatasetError, match=r"data\.name: unknown dataset 'cityscapes' \(voc \| coco \| synthetic\)"):
+        check_before_run(load_config("experiments/synthetic.yaml", ["data.name=cityscapes"]))
+    assert set(DATASETS) == {"voc", "coco", "synthetic"}
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
@@ -70,7 +79,7 @@ def test_save_load_round_trip_and_flatten(tmp_path):
     cfg = load_config("experiments/synthetic.yaml", ["loss.w_ctc=0.25"])
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
-    assert again == absolute_input_paths(cfg)  # the saved file reads the same weights from any folder
+    assert again == absolute_paths(cfg)  # the saved file reads the same weights from any folder
     assert Path(again.model.pretrained_file).is_absolute() and Path(again.model.pretrained_file).is_file()
     flat = flatten(cfg)
     assert flat["loss.w_ctc"] == 0.25 and flat["model.backbone_kwargs"]["embed_dim"] == 128

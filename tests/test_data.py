@@ -155,7 +155,7 @@ def test_smoke_configs_are_the_papers_on_generated_data(name, paper, num_classes
         paper_cfg.model.backbone, paper_cfg.data.crop_size, paper_cfg.loss, paper_cfg.pseudo, paper_cfg.optim,
         paper_cfg.train)
     assert not cfg.model.pretrained and cfg.data.synth_size >= cfg.data.crop_size
-    for split in (cfg.data.train_split, cfg.data.val_split, cfg.train.val_split or cfg.data.val_split):
+    for split in (cfg.data.train_split, cfg.data.val_split, cfg.validation_split):
         source = build_source(cfg.data, split)
         assert source.class_names == SYNTH_CLASS_NAMES[:num_classes] and len(source) > 1000
 

@@ -1,11 +1,17 @@
 """The training loop under Ray Train: DDP over gloo equals one process, and a killed worker costs nothing."""
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
-from toco.distributed.train import fit_distributed, init_ray  # noqa: E402
-from toco.engine.checkpoint import load_checkpoint  # noqa: E402
+from toco.distributed.cluster import init_ray  # noqa: E402
+from toco.distributed.train import fit_distributed  # noqa: E402
+from toco.checkpoint import load_checkpoint  # noqa: E402
 from toco.engine.loop import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
@@ -49,7 +55,30 @@ def test_two_gloo_workers_take_the_step_of_one_process_on_the_same_global_batch(
     assert sum(float(m.abs().sum()) for m, _ in moments) > 0
 
 
-def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_cluster, tiny_cfg, tmp_path, monkeypatch):
+class CrashingLogger:
+    """Rank 0's logger that kills its worker process right after logging `step`, once (the marker file
+    remembers): a worker lost between two checkpoints."""
+
+    def __init__(self, logger, step: int, marker: str):
+        self.logger, self.step, self.marker = logger, step, Path(marker)
+
+    def log_metrics(self, metrics, step):
+        self.logger.log_metrics(metrics, step)
+        if step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+
+    def __getattr__(self, name):
+        return getattr(self.logger, name)
+
+
+def crashing_logger(cfg, run_id: str, step: int, marker: str) -> CrashingLogger:
+    from toco.run import continue_run
+
+    return CrashingLogger(continue_run(cfg, run_id), step, marker)
+
+
+def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_cluster, tiny_cfg, tmp_path):
     import mlflow
 
     from toco.tracking import MLflowLogger
@@ -61,8 +90,9 @@ def test_a_worker_killed_mid_run_resumes_and_every_step_is_logged_once(ray_clust
     logger = MLflowLogger(cfg)
     # rank 0's process exits right after logging step 3, after the checkpoint of step 2: the restarted group
     # resumes from 2 and repeats step 3, which MLflow must not hold twice
-    monkeypatch.setenv("TOCO_TEST_CRASH_AFTER_STEP", f"3:{tmp_path / 'crashed'}")
-    result = fit_distributed(cfg, workers=2, mlflow_run_id=logger.run_id, max_failures=1)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the factory runs in the worker
+    make_logger = partial(crashing_logger, cfg, logger.run_id, 3, str(tmp_path / "crashed"))
+    result = fit_distributed(cfg, workers=2, make_logger=make_logger, max_failures=1)
     logger.end()
     assert (tmp_path / "crashed").exists(), "the worker was not killed"
     assert result.metrics["iteration"] == cfg.train.max_iters

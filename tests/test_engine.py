@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toco.engine.loop import EpochBatches, NullLogger, Trainer
+from toco.engine.loop import EpochBatches, Trainer
+from toco.runtime import NullLogger
 from toco.engine.step import active_terms, token_box, train_step
 
 
@@ -114,7 +115,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tiny_cfg, tmp_path):
 def test_cli_training_logs_everything_to_mlflow(tiny_cfg, tmp_path):
     import mlflow
 
-    from toco.cli import run_training
+    from toco.run import run_training
 
     tiny_cfg.output_dir = str(tmp_path / "run")
     tiny_cfg.tracking.tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -257,18 +258,43 @@ def build_model_like(cfg):
 
 # ---------------------------------------------------------------------------------------------------- ablation over seeds
 def test_ablation_aggregates_each_config_over_its_seeds():
-    from toco.cli import aggregate_seeds
+    from toco.ablation import aggregate
 
     def run(config, seed, seg, wall):
         return dict(config=config, seed=seed, seg=seg, cam=0.5, aux_cam=0.25, cls_f1=1.0, wall_s=wall)
 
-    rows = aggregate_seeds([run("toco", 0, 0.70, 600), run("base", 0, 0.61, 500), run("toco", 1, 0.72, 700),
-                            run("toco", 2, 0.74, 800)])
+    rows = aggregate([run("toco", 0, 0.70, 600), run("base", 0, 0.61, 500), run("toco", 1, 0.72, 700),
+                      run("toco", 2, 0.74, 800)])
     assert [r["config"] for r in rows] == ["toco", "base"] and rows[0]["seeds"] == [0, 1, 2]
     assert rows[0]["seg"]["mean"] == pytest.approx(0.72) and rows[0]["seg"]["std"] == pytest.approx(0.02)
     assert rows[0]["wall_s"]["mean"] == pytest.approx(700) and rows[0]["wall_s"]["std"] == pytest.approx(100)
     assert rows[0]["cam"] == dict(mean=0.5, std=0.0)
     assert rows[1]["seg"] == dict(mean=pytest.approx(0.61), std=None)  # one seed: no spread
+    assert "vs_previous" not in rows[1]  # one seed: nothing to test
+
+
+def test_ablation_rows_are_compared_by_welchs_test():
+    """Welch's t by hand: means 0.70 and 0.60, variances 1e-4 and 4e-4 over 3 seeds each: t = 0.1 / sqrt(5e-4 /
+    3) = 7.746 on Welch-Satterthwaite df = (5e-4/3)^2 / ((1e-4/3)^2/2 + (4e-4/3)^2/2) = 2.941."""
+    from scipy import stats
+
+    from toco.ablation import aggregate, verdict
+
+    def run(config, seed, seg, cam):
+        return dict(config=config, seed=seed, seg=seg, cam=cam, aux_cam=0.5, cls_f1=1.0, wall_s=1.0)
+
+    runs = [run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
+    runs += [run("ptc", s, seg, 0.60 + 0.01 * s) for s, seg in enumerate((0.70, 0.68, 0.72))]
+    base, ptc = aggregate(runs)
+    test = ptc["vs_previous"]["seg"]
+    t, df = 0.1 / (5e-4 / 3) ** 0.5, (5e-4 / 3) ** 2 / ((1e-4 / 3) ** 2 / 2 + (4e-4 / 3) ** 2 / 2)
+    assert test["diff"] == pytest.approx(0.1)
+    assert test["p"] == pytest.approx(2 * stats.t.sf(t, df), rel=1e-6)
+    half_width = stats.t.ppf(0.975, df) * (5e-4 / 3) ** 0.5
+    assert (test["low"], test["high"]) == (pytest.approx(0.1 - half_width), pytest.approx(0.1 + half_width))
+    assert verdict(test).endswith("differs") and test["p"] < 0.05
+    assert verdict(ptc["vs_previous"]["cam"]).endswith("within spread")  # +0.01 on a spread of 0.01
+    assert ptc["vs_previous"]["aux_cam"]["p"] == 1.0  # identical, no spread
 
 
 def test_ablation_cli_trains_every_seed_and_writes_the_table(tiny_cfg, tmp_path, capsys):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toco.engine.loop import NullLogger, Trainer, build_loaders
+from toco.engine.loop import Trainer, build_loaders
+from toco.runtime import NullLogger
 from toco.engine.step import train_step
 from toco.par import PAR
 

@@ -56,7 +56,7 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
 @pytest.fixture
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    from toco.distributed.train import init_ray
+    from toco.distributed.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield

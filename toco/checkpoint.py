@@ -3,14 +3,13 @@ readable error when a checkpoint does not fit the model a config describes."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from toco.errors import UserError
+from toco.files import atomic_write
 
 
 class CheckpointError(UserError):
@@ -18,18 +17,7 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
@@ -46,8 +34,9 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
 
 
 def model_weights(state, path: str | Path) -> dict:
-    """The model state dict inside a training checkpoint (or a bare state dict)."""
-    weights = state.get("model", state) if isinstance(state, dict) else None
+    """The weights a run validates inside a training checkpoint: its weight average when it kept one
+    (train.ema_decay), else its model; or a bare state dict."""
+    weights = state.get("ema_model", state.get("model", state)) if isinstance(state, dict) else None
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         raise CheckpointError(f"checkpoint {path} holds no model weights (expected a 'model' state dict)")
     return weights

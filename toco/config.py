@@ -6,6 +6,7 @@ any work starts, naming the key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -35,7 +36,7 @@ RENAMED = {"loss.reg_scale": "loss.reg_downscale", "loss.reg_weight": "loss.reg_
 
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "voc", "coco"] = "voc"
+    name: str = "voc"                    # a dataset of toco.data.DATASETS: synthetic | voc | coco
     root: str | None = input_path()      # dataset root; synthetic with None = generated in memory
     list_dir: str | None = input_path()  # split lists (default: the dataset's own folder)
     train_split: str = "train_aug"
@@ -117,6 +118,8 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 0.9
+    waiting_heads: Literal["step", "frozen"] = "step"  # heads whose loss has not started: AdamW steps them with
+                                         # zero gradients (the original) or leaves them untouched until it starts
 
 
 @dataclass
@@ -127,12 +130,29 @@ class TrainConfig:
     log_every: int = 200
     ckpt_every: int = 2000
     seed: int = 0
+    # one source of randomness can take a seed of its own (None: train.seed), to measure what each contributes
+    # to the spread over seeds (docs/benchmarks.md)
+    init_seed: int | None = None         # the heads' initial weights
+    order_seed: int | None = None        # the order of the training images
+    augment_seed: int | None = None      # each sample's augmentation
+    crop_seed: int | None = None         # the CTC local crops' positions
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the network under autocast, losses and filters in fp32
     compile: bool = False                # torch.compile the encoder (training only)
     val_limit: int = 0                   # evaluate on the first N val images; 0 = all
     val_split: str | None = None         # split validated on during training; None = data.val_split
+    ema_decay: float = 0.0               # > 0: validate and keep an exponential moving average of the weights
+
+    def seed_of(self, source: Literal["init", "order", "augment", "crop"]) -> int:
+        value = getattr(self, f"{source}_seed")
+        return self.seed if value is None else value
+
+
+@dataclass
+class InferenceConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # `toco eval` / `predict`: the network under autocast;
+                                         # fusion, softmax, the CRF and the metrics in fp32 (docs/evaluation.md)
 
 
 @dataclass
@@ -152,9 +172,15 @@ class Config:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/default"
     legacy_bugs: bool = False            # reproduce the original code's four bugs (docs/deviations.md)
+
+    @property
+    def validation_split(self) -> str:
+        """The split in-training validation scores: train.val_split, else data.val_split."""
+        return self.train.val_split or self.data.val_split
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -314,8 +340,8 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """The resolved config as YAML; input paths absolute, so the file reads the same data from any folder."""
-    cfg = absolute_input_paths(cfg)
+    """The resolved config as YAML, its paths absolute: the file reads the same data from any folder."""
+    cfg = absolute_paths(cfg)
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -328,15 +354,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(plain(to_dict(cfg)), f, sort_keys=False)
 
 
-def absolute_input_paths(cfg: Config) -> Config:
-    """A copy of `cfg` whose input paths (data, weights) are absolute."""
-    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
-                                      for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))})
+def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
+    """A copy of `cfg` whose paths (inputs, output_dir, the tracking store) are absolute, relative ones taken from
+    `base`: Ray workers, Tune trials and jobs run in working directories of their own."""
+    cfg = copy.deepcopy(cfg)
+    absolute = lambda p: str((Path(base) / p).resolve())  # noqa: E731 (an absolute `p` stays itself)
+    cfg.output_dir = absolute(cfg.output_dir)
     for section in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
-        if not dataclasses.is_dataclass(section):
-            continue
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if f.metadata.get("input_path") and value:
-                setattr(section, f.name, str(Path(value).resolve()))
+        if dataclasses.is_dataclass(section):
+            for f in dataclasses.fields(section):
+                if f.metadata.get("input_path") and getattr(section, f.name):
+                    setattr(section, f.name, absolute(getattr(section, f.name)))
+    tracking = cfg.tracking
+    tracking.artifact_root = absolute(tracking.artifact_root)
+    if tracking.tracking_uri.startswith("sqlite:///"):
+        tracking.tracking_uri = "sqlite:///" + absolute(tracking.tracking_uri.removeprefix("sqlite:///"))
+    elif "://" not in tracking.tracking_uri:  # a plain folder
+        tracking.tracking_uri = absolute(tracking.tracking_uri)
     return cfg

@@ -76,6 +76,12 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
+def f1_from_counts(tp, fp, fn) -> float:
+    """2TP / (2TP + FP + FN); 0 when there is nothing to count, like sklearn's zero_division default."""
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if denom else 0.0
+
+
 def multilabel_f1(pred, target, average: str = "micro") -> float:
     """F1 of multilabel predictions pred (N,C-1) bool/0-1 (e.g. logits > 0) against target (N,C-1).
 
@@ -88,8 +94,7 @@ def multilabel_f1(pred, target, average: str = "micro") -> float:
     t = _to_numpy(target).astype(bool).reshape(p.shape)
     tp, fp, fn = (p & t).sum(-1), (p & ~t).sum(-1), (~p & t).sum(-1)
     if average == "micro":
-        denom = 2 * tp.sum() + fp.sum() + fn.sum()
-        return float(2 * tp.sum() / denom) if denom else 0.0
+        return f1_from_counts(tp.sum(), fp.sum(), fn.sum())
     if average == "samples":
         denom = 2 * tp + fp + fn
         return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))

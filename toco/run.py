@@ -1,6 +1,7 @@
 """A tracked run's life, in one place: checks before anything is opened, the MLflow run and its id file, its end
-status, and summary.json. `toco train`, a sweep trial and `toco eval` all go through here; the training loop
-itself only sees a Logger.
+status, and summary.json. `toco train` (in this process or on Ray Train workers, whose rank 0 continues the
+driver's run), a sweep, its trials, an ablation and `toco eval` all go through here; the training loop itself only
+sees a Logger.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -29,10 +31,10 @@ def check_before_run(cfg: Config, resume: str | Path | None = None, workers: int
     import torch
 
     from toco.data import build_source
-    from toco.engine.checkpoint import check_checkpoint_fits
+    from toco.checkpoint import check_checkpoint_fits
     from toco.models import build_model
 
-    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split, cfg.train.val_split or cfg.data.val_split)):
+    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split, cfg.validation_split)):
         build_source(cfg.data, split)
     model_cfg = cfg.model
     if model_cfg.pretrained and model_cfg.pretrained_file and not Path(model_cfg.pretrained_file).is_file():
@@ -54,6 +56,10 @@ def run_name(cfg: Config, label: str) -> str:
     return cfg.tracking.run_name or f"{label} {time.strftime('%Y-%m-%d %H:%M')}"
 
 
+class RunInterrupted(Exception):
+    """Work that stopped early on purpose (Ctrl-C inside a sweep): its run ends KILLED, not FAILED."""
+
+
 class TrackedRun:
     """What `tracked_run` yields: the logger and, to fill in, the summary written at the end."""
 
@@ -71,7 +77,7 @@ def tracked_run(cfg: Config, out_dir: str | Path, name: str, resume: bool = Fals
     """The MLflow run of a training, trial or evaluation (a NullLogger with tracking.enabled false): its id is
     kept in out_dir/mlflow_run_id, so `resume` continues that run; it ends FINISHED, FAILED (an error) or KILLED
     (Ctrl-C, a stopped process), and out_dir/summary.json gets `run.summary` with the run id and wall time."""
-    from toco.engine.loop import NullLogger
+    from toco.runtime import NullLogger
 
     out_dir = Path(out_dir)
     logger = NullLogger()
@@ -87,7 +93,8 @@ def tracked_run(cfg: Config, out_dir: str | Path, name: str, resume: bool = Fals
     try:
         yield run
     except BaseException:
-        logger.end("FAILED" if isinstance(sys.exc_info()[1], Exception) else "KILLED")
+        error = sys.exc_info()[1]
+        logger.end("FAILED" if isinstance(error, Exception) and not isinstance(error, RunInterrupted) else "KILLED")
         raise
     run.summary["wall_s"] = round(time.perf_counter() - start, 1)
     if run.run_id:
@@ -95,3 +102,131 @@ def tracked_run(cfg: Config, out_dir: str | Path, name: str, resume: bool = Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str))
     logger.end()
+
+
+def continue_run(cfg: Config, run_id: str):
+    """The logger of a run another process opened (a Ray Train worker's rank 0 logs into the driver's run)."""
+    from toco.tracking import MLflowLogger
+
+    return MLflowLogger(cfg, run_id=run_id)
+
+
+def run_training(cfg: Config, label: str | None = None, resume: str | None = None, workers: int = 1,
+                 gpus_per_worker: float = 0.0, address: str | None = None) -> dict:
+    """Train `cfg` in a tracked run named after `label` (the config's name; default: the experiment's); with
+    workers > 1 as DDP workers under Ray Train (toco.distributed.train). Returns the run's summary."""
+    label = label or cfg.tracking.experiment
+    check_before_run(cfg, resume, workers)
+    split = cfg.validation_split
+    subset = split.endswith("_part") or cfg.train.val_limit > 0  # in-training val/ numbers on part of a split
+    tags = {"validation": split + (f", first {cfg.train.val_limit}" if cfg.train.val_limit else "")
+            + (" (a subset)" if subset else "")}
+    with tracked_run(cfg, cfg.output_dir, run_name(cfg, label), resume=bool(resume), tags=tags) as run:
+        if workers > 1:
+            from toco.distributed.train import train_on_ray
+
+            make_logger = partial(continue_run, cfg, run.run_id) if run.run_id else None
+            outcome = train_on_ray(cfg, workers, gpus_per_worker, address, resume, make_logger)
+        else:
+            from toco.engine.loop import Trainer
+
+            outcome = Trainer(cfg, run.logger, resume).fit()
+        run.summary.update(outcome.metrics, iterations=outcome.iteration, best_miou_seg=outcome.best_miou,
+                           output_dir=str(outcome.output_dir))
+    return run.summary
+
+
+def reference_scores(cfg: Config) -> dict[str, float] | None:
+    """What trivial predictions score on the validation images (the synthetic benchmark), or None."""
+    if cfg.data.name != "synthetic":
+        return None
+    from toco.data import build_source
+    from toco.data.synthetic import trivial_baselines
+
+    return trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.val_limit)
+
+
+def _shard_scorer(workers: int, gpus_per_worker: float, address: str | None):
+    """In this process (Ray never imported) for one worker, else on Ray Data actors."""
+    if workers <= 1:
+        from toco.evaluation import runner
+
+        return runner.score_in_process
+    from toco.distributed.evaluate import ray_shard_scorer
+
+    return ray_shard_scorer(workers, gpus_per_worker, address)
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_dir: str | Path, pseudo_split=None,
+                        limit: int = 0, save_pred: bool = False, save_probs: bool = False, shard_size: int = 32,
+                        workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
+                        resume: bool = False) -> tuple[list, str | None]:
+    """`toco eval`: score a checkpoint on `split` (and its pseudo labels on `pseudo_split`), write each result
+    folder, and log one MLflow run nested under the training that made the checkpoint. Returns ([(job, folder,
+    outcome, summary)], the run id)."""
+    import dataclasses
+
+    from toco.checkpoint import check_checkpoint_fits
+    from toco.evaluation import PSEUDO_LABELS, EvalJob, run_evaluation, write_results
+
+    out_dir = Path(out_dir)
+    check_checkpoint_fits(cfg, checkpoint)
+    jobs = [EvalJob(cfg, checkpoint, split, ("seg",), settings, str(out_dir), name=split, limit=limit,
+                    save_pred=save_pred, save_probs=save_probs, shard_size=shard_size)]
+    if pseudo_split:
+        jobs.append(EvalJob(cfg, checkpoint, pseudo_split, PSEUDO_LABELS, settings, str(out_dir),
+                            name=f"pseudo_{pseudo_split}", limit=limit, shard_size=shard_size))
+    for job in jobs:
+        job.source()  # every split exists and fits the config before the first image is scored
+    score_shards = _shard_scorer(workers, gpus_per_worker, address)
+    results = []
+    for job in jobs:
+        outcome = run_evaluation(job, resume, desc=job.name, score_shards=score_shards)
+        folder = out_dir if job is jobs[0] else out_dir / job.name
+        info = dict(split=job.split, subset=outcome.subset, checkpoint=str(Path(checkpoint).resolve()),
+                    dataset=cfg.data.name, backbone=cfg.model.backbone, test_time=dataclasses.asdict(settings),
+                    workers=workers, images_per_s=round(outcome.images_per_s, 3),
+                    worker_peak_rss_mib=round(outcome.worker_peak_rss_mib, 1))
+        if save_probs:
+            info["probs_bytes_per_image"] = round(outcome.probs_bytes / max(outcome.scores.images, 1))
+        results.append((job, folder, outcome, write_results(folder, outcome.scores, outcome.samples,
+                                                            outcome.class_names, info)))
+    run_id = _log_evaluation(cfg, checkpoint, out_dir, results) if cfg.tracking.enabled else None
+    return results, run_id
+
+
+def _log_evaluation(cfg: Config, checkpoint: str, out_dir: Path, results) -> str:
+    """One MLflow run per evaluation, nested under the training run that made the checkpoint."""
+    job, folder, outcome, summary = results[0]
+    name = f"eval {job.split} {job.settings.name}" + (" [subset]" if outcome.subset else "")
+    prefix = "eval_subset/" if outcome.subset else "eval/"
+    tags = {"kind": "evaluation", "checkpoint": summary["checkpoint"], "split": job.split,
+            "subset": outcome.subset or "no"}
+    with tracked_run(cfg, out_dir, name, tags=tags, parent_run_id=read_run_id(Path(checkpoint).parent),
+                     log_config=False) as run:
+        run.logger.log_params(dict(split=job.split, images=outcome.scores.images, workers=summary["workers"],
+                                   **summary["test_time"]))
+        for job, folder, outcome, summary in results:
+            scope = prefix if job.metrics == ("seg",) else f"pseudo_{job.split}/"
+            metrics = dict(summary["metrics"], images_per_s=summary["images_per_s"])
+            run.logger.log_evaluation(folder, metrics, summary["per_class_iou"], 0, scope,
+                                      artifact_path=None if folder == out_dir else folder.name)
+        run.summary = results[0][3]
+    return run.run_id
+
+
+def predict_files(cfg: Config, checkpoint: str, paths: list[str], settings, out_dir: str | Path,
+                  shard_size: int = 32, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
+                  resume: bool = False):
+    """`toco predict`: segment image files into palette PNGs and overlays in out_dir, with class_shares.json;
+    unreadable files are skipped (outcome.skipped names them)."""
+    from toco.checkpoint import check_checkpoint_fits
+    from toco.data import class_names
+    from toco.evaluation import EvalJob, run_evaluation
+
+    check_checkpoint_fits(cfg, checkpoint)
+    job = EvalJob(cfg, checkpoint, None, (), settings, str(out_dir), name="predict", files=paths,
+                  class_names=class_names(cfg.data), save_pred=True, keep=0, shard_size=shard_size)
+    outcome = run_evaluation(job, resume, desc="predict", score_shards=_shard_scorer(workers, gpus_per_worker, address))
+    (Path(out_dir) / "class_shares.json").write_text(json.dumps(outcome.shares, indent=1))
+    return outcome

@@ -1,4 +1,4 @@
-"""Dataset sources: VOC 2012, COCO 2014, the synthetic benchmark (in memory or written to disk).
+"""Dataset sources: VOC 2012, COCO 2014, the synthetic benchmark written to disk, image files (`toco predict`).
 
 A source is an indexable list of samples. One sample = name, image uint8 (H,W,3) RGB, mask uint8 (H,W) (class ids,
 255 = ignore; None where a split has no masks) and cls_label float32 (C-1,) multi-hot of the foreground classes.
@@ -187,6 +187,50 @@ class FolderSource:
         return Sample(self.names[i], self.load_image(i), None, label)
 
 
+class ImageFiles:
+    """Image files as a source without masks (`toco predict`): names are the file stems, made unique."""
+
+    def __init__(self, paths: list[str], num_classes: int, class_names):
+        self.paths = [str(p) for p in paths]
+        self.num_classes, self.class_names, self.has_masks = num_classes, tuple(class_names), False
+        self.names, seen = [], set()
+        for p in self.paths:
+            name = Path(p).stem
+            while name in seen:  # two inputs of the same name from different folders
+                name += "_"
+            seen.add(name)
+            self.names.append(name)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Sample:
+        return Sample(self.names[i], read_image(Path(self.paths[i])), None, None)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_paths(items: list[str]) -> list[str]:
+    """Image files from files, folders (their images, sorted) and list files (.txt, one path per line, relative
+    to the list)."""
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix == ".txt":
+            if not path.is_file():
+                raise DatasetError(f"{path}: list file not found")
+            paths += [str(path.parent / line.strip()) if not Path(line.strip()).is_absolute() else line.strip()
+                      for line in path.read_text().splitlines() if line.strip()]
+        else:
+            paths.append(item)
+    if not paths:
+        raise DatasetError(f"no images in {' '.join(items)}")
+    return paths
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{path}: {what} folder not found")
@@ -243,35 +287,3 @@ def synthetic_folder_source(root: str | Path, split: str, list_dir: str | Path |
     if len(class_names) < 2:
         raise DatasetError(f"{classes_file}: needs background plus at least one class, got {list(class_names)}")
     return voc_source(root, split, list_dir, class_names, image_exts=(".png", ".jpg"))
-
-
-def build_source(data_cfg, split: str):
-    """Source for `split` as described by a `toco.config.DataConfig`.
-
-    synthetic + root None generates in memory ("train_aug"/"train" -> train stream, "val" -> val stream).
-    """
-    name = data_cfg.name
-    if name == "synthetic" and data_cfg.root is None:
-        from toco.data.synthetic import SyntheticSource
-        stream = {"train_aug": "train", "train": "train", "val": "val"}.get(split)
-        if stream is None:
-            raise DatasetError(f"synthetic split must be train_aug, train or val, got {split!r}")
-        n = data_cfg.synth_train if stream == "train" else data_cfg.synth_val
-        try:
-            source = SyntheticSource(stream, n, data_cfg.synth_size, data_cfg.num_classes, data_cfg.synth_seed)
-        except ValueError as err:  # a class count or size the generator cannot make
-            raise DatasetError(f"data: {err}") from None
-    elif data_cfg.root is None:
-        raise DatasetError(f"data.root must be set for dataset {name!r}")
-    elif name == "synthetic":
-        source = synthetic_folder_source(data_cfg.root, split, data_cfg.list_dir)
-    elif name == "voc":
-        source = voc_source(data_cfg.root, split, data_cfg.list_dir)
-    elif name == "coco":
-        source = coco_source(data_cfg.root, split, data_cfg.list_dir)
-    else:
-        raise DatasetError(f"unknown dataset {name!r} (synthetic | voc | coco)")
-    if source.num_classes != data_cfg.num_classes:
-        raise DatasetError(f"{data_cfg.root or name}: dataset has {source.num_classes} classes (incl. background) "
-                           f"but data.num_classes = {data_cfg.num_classes}")
-    return source

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from typing import Iterator
 
 import numpy as np
 
-from toco.distributed.train import absolute_paths, init_ray
+from toco.config import absolute_paths
+from toco.distributed.cluster import init_ray
 from toco.evaluation import EvalJob, ShardResult, ShardScorer
 
 
@@ -61,3 +63,8 @@ def score_shards_on_ray(job: EvalJob, ranges: list[tuple[int, int]], workers: in
     finally:
         if started:
             ray.shutdown()
+
+
+def ray_shard_scorer(workers: int, gpus_per_worker: float = 0.0, address: str | None = None):
+    """`run_evaluation`'s score_shards on `workers` Ray Data actors."""
+    return partial(score_shards_on_ray, workers=workers, gpus_per_worker=gpus_per_worker, address=address)

@@ -21,13 +21,16 @@ import typing
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import yaml
 
-from toco.config import Config, ConfigError, apply_mapping, load_config, parse_overrides, save_config
-from toco.run import RUN_ID_FILE, read_run_id, tracked_run
-from toco.distributed.train import CHECKPOINT_FILE, absolute_paths, checkpoint_folder, fit_distributed, init_ray
+from toco.config import (Config, ConfigError, absolute_paths, apply_mapping, load_config, parse_overrides,
+                         save_config)
+from toco.distributed.cluster import init_ray
+from toco.distributed.train import CHECKPOINT_FILE, checkpoint_folder, fit_distributed
+from toco.run import RunInterrupted, check_before_run, continue_run, read_run_id, tracked_run
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -156,7 +159,8 @@ def run_trial(params: dict, spec: SweepSpec, sweep_dir: str, parent_run_id: str 
             from ray.tune.integration.ray_train import TuneReportCallback
 
             # Ray Train restores from its own storage (same path and name) when Tune resumes this trial
-            fit_distributed(cfg, spec.workers, spec.gpus_per_worker, run.run_id, storage_path=out / "ray",
+            make_logger = partial(continue_run, cfg, run.run_id) if run.run_id else None
+            fit_distributed(cfg, spec.workers, spec.gpus_per_worker, make_logger, storage_path=out / "ray",
                             name="train", fresh=False, callbacks=[TuneReportCallback()])
         else:
             def report(path: Path | None, metrics: dict, iteration: int) -> None:
@@ -227,68 +231,65 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
     (sweep_dir / "sweep.json").write_text(json.dumps(asdict(spec), indent=1))
 
     base = spec.trial_config({})
+    check_before_run(base, workers=spec.workers)  # a typo in the experiment fails before Ray starts
     trial_cpus = spec.cpus_per_trial if spec.cpus_per_trial is not None else 1.0 if spec.workers == 1 else 0.1
     # a local cluster gets enough logical CPUs for max_concurrent trials, even when that oversubscribes the machine
     needed = math.ceil(spec.max_concurrent * (trial_cpus + (spec.workers if spec.workers > 1 else 0)))
-    started = init_ray(address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=spec.workers > 1)
-    parent = None
-    start = time.perf_counter()
-    try:
-        parent = _parent_run(base, spec, sweep_dir) if base.tracking.enabled else None
-        trainable = tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
-                                         parent_run_id=parent.run_id if parent else None)
-        trainable = tune.with_resources(trainable, {"cpu": trial_cpus})
-        if resume:
-            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space=_tune_space(spec.space),
-                               tune_config=_tune_config(spec, base),
-                               run_config=tune.RunConfig(
-                                   name="tune", storage_path=str(sweep_dir),
-                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                   verbose=0,  # the trials bar instead of Tune's status tables
-                                   callbacks=[_trial_callback(base.tracking.tracking_uri if base.tracking.enabled
-                                                              else None, sweep_dir, base.train.max_iters,
-                                                              spec.num_samples)]))
-        results = tuner.fit()
-    except BaseException:
-        if parent:
-            parent.end("KILLED")
-        raise
-    finally:
-        if started:
-            import ray
+    # the sweep's own MLflow run (a resumed sweep continues it); each trial's run is nested under it
+    with tracked_run(base, sweep_dir, f"sweep {spec.name}", resume=resume,
+                     tags={"kind": "sweep", "sweep": spec.name}) as parent:
+        started = init_ray(address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=spec.workers > 1)
+        start = time.perf_counter()
+        try:
+            trainable = tune.with_parameters(run_trial, spec=spec, sweep_dir=str(sweep_dir),
+                                             parent_run_id=parent.run_id)
+            trainable = tune.with_resources(trainable, {"cpu": trial_cpus})
+            if resume:
+                tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                tuner = tune.Tuner(trainable, param_space=_tune_space(spec.space),
+                                   tune_config=_tune_config(spec, base),
+                                   run_config=tune.RunConfig(
+                                       name="tune", storage_path=str(sweep_dir),
+                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                       verbose=0,  # the trials bar instead of Tune's status tables
+                                       callbacks=[_trial_callback(base.tracking.tracking_uri if base.tracking.enabled
+                                                                  else None, sweep_dir, base.train.max_iters,
+                                                                  spec.num_samples)]))
+            results = tuner.fit()
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-    wall_file = sweep_dir / "wall_s"  # a resumed sweep adds its time to the earlier sessions'
-    wall = time.perf_counter() - start + (float(wall_file.read_text()) if resume and wall_file.exists() else 0.0)
-    wall_file.write_text(f"{wall:.1f}")
-    ended = results.num_terminated + results.num_errors  # Tune's own count of trials that ran to their end
-    out_of_time = spec.time_budget_s is not None and wall >= 0.98 * spec.time_budget_s
-    interrupted = not out_of_time and ended < spec.num_samples
-    if base.tracking.enabled:
-        from toco.tracking import settle_runs
+                ray.shutdown()
+        wall_file = sweep_dir / "wall_s"  # a resumed sweep adds its time to the earlier sessions'
+        wall = time.perf_counter() - start + (float(wall_file.read_text()) if resume and wall_file.exists() else 0.0)
+        wall_file.write_text(f"{wall:.1f}")
+        ended = results.num_terminated + results.num_errors  # Tune's own count of trials that ran to their end
+        out_of_time = spec.time_budget_s is not None and wall >= 0.98 * spec.time_budget_s
+        interrupted = not out_of_time and ended < spec.num_samples
+        if base.tracking.enabled:
+            from toco.tracking import settle_runs
 
-        # Ctrl-C: Tune saved its state and returned early; the runs of the trials it stopped are still open. A
-        # finished sweep: every trial's run ends as Tune saw the trial end, also one whose end an interruption lost
-        trials = [(_trial_run_id(sweep_dir, Path(r.path).name), r.error) for r in results if r.path]
-        settle_runs(base.tracking.tracking_uri,
-                    {run_id: "KILLED" if interrupted else "FAILED" if error else "FINISHED"
-                     for run_id, error in trials if run_id}, only_running=interrupted)
-    if interrupted:
-        if parent:
-            parent.end("KILLED")
-        raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - ended} of "
-                               f"{spec.num_samples} trials not finished; "
-                               f"continue it: toco sweep <spec> --resume" + (f" --out {out_dir}" if out_dir else ""))
-    summary = _summarise(spec, results, sweep_dir, base, wall)
-    if parent:
-        _log_parent(parent, spec, summary, sweep_dir)
+            # Ctrl-C: Tune saved its state and returned early; the runs of the trials it stopped are still open. A
+            # finished sweep: every trial's run ends as Tune saw the trial end, also one whose end an interruption
+            # lost
+            trials = [(_trial_run_id(sweep_dir, Path(r.path).name), r.error) for r in results if r.path]
+            settle_runs(base.tracking.tracking_uri,
+                        {run_id: "KILLED" if interrupted else "FAILED" if error else "FINISHED"
+                         for run_id, error in trials if run_id}, only_running=interrupted)
+        if interrupted:
+            raise SweepInterrupted(f"sweep {spec.name} interrupted with {spec.num_samples - ended} of "
+                                   f"{spec.num_samples} trials not finished; continue it: toco sweep <spec> --resume"
+                                   + (f" --out {out_dir}" if out_dir else ""))
+        summary = _summarise(spec, results, sweep_dir, base, wall)
+        _log_parent(parent.logger, spec, summary, sweep_dir)
+        parent.summary = {k: v for k, v in summary.items() if k not in ("trials", "rows")}
     return summary
 
 
-class SweepInterrupted(RuntimeError):
-    pass
+class SweepInterrupted(RunInterrupted):
+    """Ctrl-C during a sweep: Tune saved its state; `--resume` continues it."""
 
 
 def _tune_config(spec: SweepSpec, base: Config):
@@ -307,16 +308,6 @@ def _tune_config(spec: SweepSpec, base: Config):
                            search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
                            scheduler=scheduler, max_concurrent_trials=spec.max_concurrent,
                            time_budget_s=spec.time_budget_s, trial_dirname_creator=lambda t: t.trial_id)
-
-
-def _parent_run(base: Config, spec: SweepSpec, sweep_dir: Path):
-    """The sweep's MLflow run; a resumed sweep continues its own."""
-    from toco.tracking import MLflowLogger
-
-    parent = MLflowLogger(base, run_id=read_run_id(sweep_dir), tags={"kind": "sweep", "sweep": spec.name},
-                          run_name=f"sweep {spec.name}")
-    (sweep_dir / RUN_ID_FILE).write_text(parent.run_id)
-    return parent
 
 
 def _summarise(spec: SweepSpec, results, sweep_dir: Path, base: Config, wall: float) -> dict:
@@ -376,7 +367,6 @@ def _log_parent(parent, spec: SweepSpec, summary: dict, sweep_dir: Path) -> None
         parent.log_artifact(sweep_dir / name, "sweep")
     for plot in plot_sweep(spec, summary["rows"], sweep_dir):
         parent.log_artifact(plot, "sweep")
-    parent.end()
 
 
 def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]:
@@ -419,3 +409,14 @@ def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]
         plt.close(fig)
         written.append(sweep_dir / name)
     return written
+
+
+def sweep_report(spec: SweepSpec, summary: dict) -> str:
+    """The trials ranked, the best one against the default configuration."""
+    from toco.report import table
+
+    return "\n".join([
+        "", table(summary["trials"], ["trial", "iteration", spec.metric, *spec.space]), "",
+        f"best trial {summary['best_trial']}: {spec.metric} = {summary['best_value']:.4f} (the default config: "
+        f"{summary['default_value']}); {summary['trials_run']} trials in {summary['wall_s']:.0f} s",
+        f"best configuration: {summary['best_config']}   (train it: toco train {summary['best_config']})"])

@@ -9,64 +9,19 @@ every metric step is logged once.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
-from toco.config import Config, ConfigError
+from toco.config import Config, absolute_paths
+from toco.distributed.cluster import init_ray
 from toco.engine.loop import TrainOutcome, Trainer
+from toco.runtime import Logger
 
 CHECKPOINT_FILE = "last.pt"
-
-
-def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
-    """A copy of `cfg` whose paths are absolute (relative ones taken from `base`): Ray workers, Tune trials and
-    jobs run in working directories of their own."""
-    cfg = copy.deepcopy(cfg)
-    absolute = lambda p: str((Path(base) / p).resolve())  # noqa: E731 (an absolute `p` stays itself)
-    cfg.output_dir = absolute(cfg.output_dir)
-    for section in (cfg.data, cfg.model):
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if f.metadata.get("input_path") and value:
-                setattr(section, f.name, absolute(value))
-    tracking = cfg.tracking
-    tracking.artifact_root = absolute(tracking.artifact_root)
-    if tracking.tracking_uri.startswith("sqlite:///"):
-        tracking.tracking_uri = "sqlite:///" + absolute(tracking.tracking_uri.removeprefix("sqlite:///"))
-    elif "://" not in tracking.tracking_uri:  # a plain folder
-        tracking.tracking_uri = absolute(tracking.tracking_uri)
-    return cfg
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
-             attempts: int = 3) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS; inside `ray job submit` that is the job's cluster), else
-    start a local one. Returns True when this call started Ray, so the caller shuts it down again.
-
-    `dashboard`: a local cluster without it has no State API, and Ray Train's PlacementGroupCleaner then cannot
-    free the workers' resources of a run whose driver was killed (a Tune trial that ASHA stopped)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    for attempt in range(attempts):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard)
-            return True
-        except Exception as err:  # Ray gives a new raylet 30 s to register, which a busy machine can exceed
-            ray.shutdown()
-            if attempt == attempts - 1 or "timed out during startup" not in str(err):
-                raise
-    return True
 
 
 @contextmanager
@@ -93,25 +48,6 @@ def report_to_ray_train(path: Path | None, metrics: dict[str, float], iteration:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-class _CrashAfter:
-    """Test aid (TOCO_TEST_CRASH_AFTER_STEP=<step>:<marker file> in the driver's environment): wraps rank 0's
-    logger and kills the worker process right after it logged `step`, once (the marker remembers), playing a
-    worker lost between two checkpoints."""
-
-    def __init__(self, logger, spec: str):
-        step, marker = spec.split(":", 1)
-        self.logger, self.step, self.marker = logger, int(step), Path(marker)
-
-    def log_metrics(self, metrics, step):
-        self.logger.log_metrics(metrics, step)
-        if step == self.step and not self.marker.exists():
-            self.marker.touch()
-            os._exit(1)
-
-    def __getattr__(self, name):
-        return getattr(self.logger, name)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: the loop with DDP around the model, resumed from Ray's last checkpoint."""
     import ray.train
@@ -129,13 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)
 
-    logger = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from toco.tracking import MLflowLogger
-
-        logger = MLflowLogger(cfg, run_id=config["mlflow_run_id"])
-        if config.get("crash_after_step"):
-            logger = _CrashAfter(logger, config["crash_after_step"])
+    # rank 0 logs to the driver's run (toco.run.continue_run, or what a caller injects)
+    logger = config["make_logger"]() if rank == 0 and config.get("make_logger") else None
     restored = ray.train.get_checkpoint()  # set after a worker failure (or when Ray restores the run)
     with restored.as_directory() if restored else nullcontext(None) as folder:
         resume = Path(folder) / CHECKPOINT_FILE if folder else config.get("resume")
@@ -144,10 +75,12 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit()
 
 
-def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlflow_run_id: str | None = None,
-                    resume: str | Path | None = None, max_failures: int = 2, storage_path: str | Path | None = None,
-                    name: str = "train", fresh: bool = True, callbacks: list | None = None):
+def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0,
+                    make_logger: Callable[[], Logger] | None = None, resume: str | Path | None = None,
+                    max_failures: int = 2, storage_path: str | Path | None = None, name: str = "train",
+                    fresh: bool = True, callbacks: list | None = None):
     """Run `cfg` on `workers` Ray Train workers; returns Ray's `Result` (metrics of rank 0's last report).
+    `make_logger` (picklable: it runs in rank 0's process) gives rank 0 its logger; None logs nothing.
 
     Ray Train keeps its checkpoints under storage_path/name (default output_dir/ray/train) and restores a run it
     finds there; `fresh=True` removes an old one first, as a new in-process run starts from iteration 0.
@@ -155,17 +88,13 @@ def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlf
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if cfg.train.batch_size % workers:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of "
-                          f"the {workers} workers")
     cfg = absolute_paths(cfg)
     storage = Path(storage_path or Path(cfg.output_dir) / "ray").resolve()
     if fresh:
         shutil.rmtree(storage / name, ignore_errors=True)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    loop_config = dict(cfg=cfg, resume=str(resume) if resume else None, mlflow_run_id=mlflow_run_id,
-                       crash_after_step=os.environ.get("TOCO_TEST_CRASH_AFTER_STEP"))
+    loop_config = dict(cfg=cfg, resume=str(resume) if resume else None, make_logger=make_logger)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -177,12 +106,12 @@ def fit_distributed(cfg: Config, workers: int, gpus_per_worker: float = 0.0, mlf
 
 
 def train_on_ray(cfg: Config, workers: int, gpus_per_worker: float = 0.0, address: str | None = None,
-                 resume: str | Path | None = None, mlflow_run_id: str | None = None,
+                 resume: str | Path | None = None, make_logger: Callable[[], Logger] | None = None,
                  max_failures: int = 2) -> TrainOutcome:
     """`toco train --workers N`: join or start a cluster, train, and answer like the in-process `Trainer.fit`."""
     started = init_ray(address)
     try:
-        result = fit_distributed(cfg, workers, gpus_per_worker, mlflow_run_id, resume, max_failures)
+        result = fit_distributed(cfg, workers, gpus_per_worker, make_logger, resume, max_failures)
     finally:
         if started:
             import ray

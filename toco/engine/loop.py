@@ -10,51 +10,22 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from toco.config import Config, save_config
 from toco.data import TrainDataset, TrainTransform, build_source, seed_worker
-from toco.engine.checkpoint import check_compatible, check_resumable, load_checkpoint, save_checkpoint
+from toco.checkpoint import CheckpointError, check_compatible, check_resumable, load_checkpoint, save_checkpoint
 from toco.engine.optim import build_optimizer
 from toco.engine.step import train_step, zero_grads_of_waiting_heads
 from toco.models import build_model
 from toco.par import PAR
-
-
-class Logger(Protocol):
-    """Where a run's numbers and files go (toco.tracking.MLflowLogger, or NullLogger)."""
-    run_id: str | None
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_params(self, params: dict) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_evaluation(self, folder: Path, metrics: dict[str, float], per_class_iou: dict, step: int, prefix: str,
-                       artifact_path: str | None = None) -> None: ...
-    def end(self, status: str = "FINISHED") -> None: ...
-
-
-class NullLogger:
-    """The Logger of a run without tracking."""
-    run_id = None
-
-    def log_metrics(self, metrics, step):
-        pass
-
-    def log_params(self, params):
-        pass
-
-    def log_artifact(self, path, artifact_path=None):
-        pass
-
-    def log_evaluation(self, folder, metrics, per_class_iou, step, prefix, artifact_path=None):
-        pass
-
-    def end(self, status="FINISHED"):
-        pass
+from toco.runtime import Logger, NullLogger, resolve_device
 
 
 def _seed_of(*keys: int) -> int:
@@ -122,12 +93,6 @@ def check_finite(totals: list[torch.Tensor], iteration: int) -> None:
         raise FloatingPointError(f"the loss is {float(values[bad][0])} at iteration {first}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -135,11 +100,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 def build_loaders(cfg: Config, start_iter: int = 0, rank: int = 0, world: int = 1):
     """(training batches from iteration `start_iter` on, for this rank; the validation source)."""
     train_source = build_source(cfg.data, cfg.data.train_split)
-    val_source = build_source(cfg.data, cfg.train.val_split or cfg.data.val_split)
+    val_source = build_source(cfg.data, cfg.validation_split)
     d = cfg.data
     train_set = SeededSamples(TrainDataset(train_source, TrainTransform(
-        d.crop_size, d.rescale_range, d.local_crop_size, legacy_bugs=cfg.legacy_bugs)), cfg.train.seed)
-    sampler = EpochBatches(len(train_set), cfg.train.batch_size, cfg.train.seed, start_iter, rank, world)
+        d.crop_size, d.rescale_range, d.local_crop_size, legacy_bugs=cfg.legacy_bugs)), cfg.train.seed_of("augment"))
+    sampler = EpochBatches(len(train_set), cfg.train.batch_size, cfg.train.seed_of("order"), start_iter, rank, world)
     train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=d.num_workers,
                               worker_init_fn=seed_worker, persistent_workers=d.num_workers > 0)
     return train_loader, val_source
@@ -158,12 +123,16 @@ class Trainer:
         self.rank, self.world = rank, world
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed_of("init"))
         self.device = device or resolve_device(cfg.train.device)
         self.out_dir = Path(cfg.output_dir)
         self.model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
         self.par = PAR(cfg.pseudo.par_dilations, cfg.pseudo.par_iters).to(self.device)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_iters)
+        # the weights validated and kept in best.pt: the EMA of the weights when train.ema_decay > 0 (the loop still
+        # trains and resumes the raw weights)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+                    if cfg.train.ema_decay else None)
         self.iteration, self.best_miou = 0, -1.0
         if resume:
             self._restore(resume)
@@ -181,11 +150,23 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.best_miou = int(state["iteration"]), float(state["best_miou"])
         torch.set_rng_state(state["rng"].cpu())
+        if self.ema is not None:
+            if "ema_model" not in state:
+                raise CheckpointError(f"checkpoint {path} holds no weight average: train.ema_decay was 0 in its run")
+            self.ema.module.load_state_dict(state["ema_model"])
+            self.ema.n_averaged.fill_(int(state["ema_updates"]))
+
+    @property
+    def validated_model(self) -> torch.nn.Module:
+        return self.model if self.ema is None else self.ema.module
 
     def state(self) -> dict:
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.scheduler.state_dict(), iteration=self.iteration,
-                    best_miou=self.best_miou, rng=torch.get_rng_state())
+        state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scheduler=self.scheduler.state_dict(), iteration=self.iteration,
+                     best_miou=self.best_miou, rng=torch.get_rng_state())
+        if self.ema is not None:
+            state.update(ema_model=self.ema.module.state_dict(), ema_updates=int(self.ema.n_averaged))
+        return state
 
     @property
     def is_main(self) -> bool:
@@ -208,13 +189,15 @@ class Trainer:
         while self.iteration < train_cfg.max_iters:
             batch = _to(next(batches), self.device)
             generator = torch.Generator(device=self.device).manual_seed(
-                _seed_of(train_cfg.seed, self.iteration, self.rank))
+                _seed_of(train_cfg.seed_of("crop"), self.iteration, self.rank))
             result = train_step(self.train_model, self.par, batch, cfg, self.iteration, generator)
             self.optimizer.zero_grad(set_to_none=True)
             result.total.backward()
             zero_grads_of_waiting_heads(self.model, cfg, self.iteration)  # as the original's zero-weighted losses
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.iteration += 1
             window.setdefault("total", []).append(result.total.detach())
             for k, v in result.losses.items():
@@ -257,8 +240,9 @@ class Trainer:
         if not self.is_main:
             return {}
         cfg = self.cfg
-        split = cfg.train.val_split or cfg.data.val_split
-        scores, samples = evaluate_model(self.model, cfg, val_source, limit=cfg.train.val_limit,
+        split = cfg.validation_split
+        model = self.validated_model
+        scores, samples = evaluate_model(model, cfg, val_source, limit=cfg.train.val_limit,
                                          num_workers=min(cfg.data.num_workers, 1))
         subset = subset_note(cfg, split, scores.images, len(val_source))
         folder = self.out_dir / "eval" / f"iter_{self.iteration:06d}"
@@ -267,7 +251,7 @@ class Trainer:
         metrics = {f"val/{k}": v for k, v in summary["metrics"].items()}
         if metrics["val/miou_seg"] > self.best_miou:  # the best weights only: a third of a resumable checkpoint
             self.best_miou = metrics["val/miou_seg"]
-            save_checkpoint(self.out_dir / "best.pt", dict(model=self.model.state_dict(), iteration=self.iteration,
+            save_checkpoint(self.out_dir / "best.pt", dict(model=model.state_dict(), iteration=self.iteration,
                                                            miou_seg=self.best_miou))
         self.logger.log_evaluation(folder, summary["metrics"], {"seg": summary["per_class_iou"]["seg"]}, self.iteration,
                                    prefix="val/", artifact_path=f"eval/iter_{self.iteration:06d}")
@@ -276,4 +260,4 @@ class Trainer:
         return metrics
 
 
-__all__ = ["Trainer", "TrainOutcome", "NullLogger", "EpochBatches", "SeededSamples"]
+__all__ = ["Trainer", "TrainOutcome", "EpochBatches", "SeededSamples"]

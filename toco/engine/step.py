@@ -38,7 +38,10 @@ def waiting_heads(cfg: Config, iteration: int) -> dict[str, bool]:
 def zero_grads_of_waiting_heads(net, cfg: Config, iteration: int) -> None:
     """Call after backward. The original computed a waiting head's losses with weight 0, so its parameters took
     zero gradients: AdamW advanced their step count and moments and applied weight decay. Zero gradients (not
-    None) do exactly that without the forward passes (docs/method.md §3.6)."""
+    None) do exactly that without the forward passes (docs/method.md §3.6). `optim.waiting_heads: frozen` leaves
+    them untouched instead: AdamW starts them afresh when their loss starts."""
+    if cfg.optim.waiting_heads == "frozen":
+        return
     waiting = waiting_heads(cfg, iteration)
     heads = [head for name, head in (("decoder", net.decoder), ("proj_head", net.proj_head)) if waiting[name]]
     for p in (p for head in heads for p in head.parameters()):

@@ -1,0 +1,98 @@
+"""`toco ablation`: several configs, each trained from the same seeds, compared row by row.
+
+Every row is a config with its mean ± sample standard deviation per metric over the seeds. Each row after the
+first is compared with the row before it by Welch's t-test (unequal variances) on every metric: the difference of
+the means, its 95 % confidence interval and the p-value, and whether it exceeds the seed spread (p < 0.05). Seeds
+are the same for every row, so every row carries the same number of them.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from toco.config import load_config
+
+# the ablation's metrics: the summary.json key of each
+METRICS = {"seg": "val/miou_seg", "cam": "val/miou_cam", "aux_cam": "val/miou_aux_cam", "cls_f1": "val/cls_f1",
+           "wall_s": "wall_s"}
+COMPARED = ("seg", "cam", "aux_cam")  # the metrics rows are tested on
+ALPHA = 0.05
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """mean(b) - mean(a), its 95 % confidence interval and the two-sided p-value of Welch's t-test."""
+    from scipy import stats
+
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    if statistics.pstdev(a) == statistics.pstdev(b) == 0:  # no spread at all: the difference is exact
+        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0)
+    result = stats.ttest_ind(b, a, equal_var=False)
+    interval = result.confidence_interval(0.95)
+    return dict(diff=diff, low=float(interval.low), high=float(interval.high), p=float(result.pvalue))
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per config (first-seen order) from runs {config, seed, <METRICS keys>}: its seeds, per metric
+    {mean, std} (std the sample standard deviation, None for one run), and per compared metric Welch's test
+    against the previous row (`vs_previous`, from the second row on, with two seeds or more per row)."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["config"], []).append(run)
+    rows = []
+    for config, group in groups.items():
+        row = dict(config=config, seeds=[r["seed"] for r in group], values={})
+        for metric in METRICS:
+            values = [float(r[metric]) for r in group]
+            row["values"][metric] = values
+            row[metric] = dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None)
+        if rows and len(group) > 1 and len(rows[-1]["seeds"]) > 1:
+            row["vs_previous"] = {m: welch(rows[-1]["values"][m], row["values"][m]) for m in COMPARED}
+        rows.append(row)
+    return rows
+
+
+def verdict(test: dict) -> str:
+    sign = "+" if test["diff"] >= 0 else ""
+    word = "differs" if test["p"] < ALPHA else "within spread"
+    return f"{sign}{test['diff']:.3f} [{test['low']:+.3f}, {test['high']:+.3f}] p={test['p']:.3f} {word}"
+
+
+def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[str], out: str | Path) -> list[dict]:
+    """Check every config, then train each once per seed (each in <output_dir>/seed_<n> and its own MLflow
+    run); write every run and the rows to `out` and return the rows."""
+    from toco.run import check_before_run, run_training
+
+    for path in configs:  # every config checked before the first one trains
+        check_before_run(load_config(path, overrides))
+    runs = []
+    for path in configs:
+        for seed in seeds or [None]:
+            cfg = load_config(path, overrides)
+            if seed is not None:
+                cfg.train.seed = seed
+                cfg.output_dir = str(Path(cfg.output_dir) / f"seed_{seed}")
+                cfg.tracking.run_name = f"{cfg.tracking.run_name or Path(path).stem} seed {seed}"
+            summary = run_training(cfg, Path(path).stem)
+            runs.append(dict(config=Path(path).stem, seed=cfg.train.seed,
+                             **{k: summary[key] for k, key in METRICS.items()}))
+    rows = aggregate(runs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(rows=rows, runs=runs), indent=1))
+    return rows
+
+
+def ablation_table(rows: list[dict]) -> list[dict]:
+    """The rows as strings: mean ± std per metric, and each compared metric's verdict against the row above."""
+    def cell(stat: dict, digits: int) -> str:
+        return f"{stat['mean']:.{digits}f}" + ("" if stat["std"] is None else f" ± {stat['std']:.{digits}f}")
+
+    table = []
+    for row in rows:
+        line = dict(config=row["config"], seeds=len(row["seeds"]),
+                    **{k: cell(row[k], 0 if k == "wall_s" else 4) for k in METRICS})
+        line.update({f"{m} vs above": verdict(row["vs_previous"][m]) if "vs_previous" in row else ""
+                     for m in COMPARED})
+        table.append(line)
+    return table

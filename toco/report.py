@@ -1,0 +1,37 @@
+"""Text a person reads in the terminal: tables of runs, evaluations and comparisons."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as left-aligned columns under a header line."""
+    widths = {c: max(len(c), *(len(f"{r[c]}") for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(f"{r[c]}".ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def training_report(summary: dict, baselines: dict[str, float] | None) -> str:
+    """A finished training's val mIoUs, beside what trivial predictions score on the same images."""
+    rows = [dict(method=f"ToCo {name}", miou=f"{summary.get(f'val/miou_{key}', float('nan')):.4f}")
+            for name, key in (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"))]
+    rows += [dict(method=f"trivial: {k}", miou=f"{v:.4f}") for k, v in (baselines or {}).items()]
+    return (f"validation, {summary['iterations']} iterations in {summary['wall_s']:.0f} s\n"
+            + table(rows, ["method", "miou"]))
+
+
+def evaluation_report(split: str, outcome, summary: dict, settings_name: str, folder: Path) -> str:
+    """One evaluation: images and rate, a per-class IoU table per metric, where the results went."""
+    subset = f"  SUBSET ({outcome.subset}): not the whole split's numbers" if outcome.subset else ""
+    lines = [f"\n{split}: {outcome.scores.images} images, {settings_name}, {outcome.images_per_s:.2f} images/s{subset}"]
+    scored = [(m, cm) for m, cm in outcome.scores.confusion.items() if cm.matrix.sum()]
+    lines += [f"[{metric}]\n{cm.table(list(outcome.class_names))}" for metric, cm in scored]
+    if not scored:
+        lines.append("no masks in this split: predictions only")
+    if "seg_target_coverage" in summary["metrics"]:
+        lines.append(f"seg_target_coverage {summary['metrics']['seg_target_coverage']:.4f}")
+    if "probs_bytes_per_image" in summary:
+        lines.append(f"class probabilities: {summary['probs_bytes_per_image']} bytes per image under {folder}/probs")
+    lines.append(f"wrote {folder}/summary.json")
+    return "\n".join(lines)

@@ -27,11 +27,14 @@ venv: $(STAMP)  ## set up .venv with everything (make demo installs only what tr
 demo: $(BASE_STAMP)  ## train ToCo on the embedded synthetic benchmark, evaluate, log to MLflow
 	$(TOCO) train experiments/synthetic.yaml
 
-test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest -q tests
+# two test processes (pytest-xdist), one torch thread each; the Ray tests share one process and its cluster
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup --durations=20 tests
 
-test-fast: $(STAMP)  ## the test suite without the slow Ray tests, for quick iterations
-	$(PY) -m pytest -q -m "not slow" tests
+test: $(STAMP)  ## the whole test suite (CUDA tests run on a GPU machine: make gpu-check)
+	$(PYTEST)
+
+test-fast: $(STAMP)  ## the test suite without the slow Ray, sweep and compile tests, for quick iterations
+	$(PYTEST) -m "not slow"
 
 ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
 	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml

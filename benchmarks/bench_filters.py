@@ -5,7 +5,10 @@
 - the regularised DenseCRF loss, forward and backward, as training runs it: batch 4, 21 classes, 448x448 crops at
   scale 0.5 (the training setting) and at full scale; per backend;
 - the exact O(N^2) filter against the lattice on 64x64 images (the exact one is far too slow at 224);
-- CRF inference on a 500x375 image with 21 labels, 10 iterations: ours (cpu, cuda) against pydensecrf.
+- CRF inference on a 500x375 image with 21 labels, 10 iterations: ours (cpu, cuda) against pydensecrf;
+- the CRF's bilateral filter (sxy 121, srgb 5) on a photo with a large flat region, 500x375x21 (VOC) and
+  640x480x81 (COCO): the lattice's hot vertices (tens of thousands of pixels on one), per backend; on the GPU
+  also with one splat chunk per vertex, the splat before it was chunked.
 
 Each filter call builds the lattice and filters (what the loss does every step).
 Run with the others (`make bench`) or alone: `pytest benchmarks/bench_filters.py -p no:cacheprovider`.
@@ -18,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from inputs import photo, photo_batch, probability_maps
+from inputs import flat_photo, photo, photo_batch, probability_maps
 from machine import machine_class
 from support import BASELINES
 from toco import crf, kernels
-from toco.filters import bilateral_filter
+from toco.filters import bilateral_filter, lattice_features
 from toco.losses import dense_crf_loss
 
 
@@ -125,3 +128,28 @@ def test_crf_inference(benchmark, crf_case, impl):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(ms=round(1000 * statistics.median(benchmark.stats.stats.data), 1),
                                         shape="21x375x500", n_iter=10), indent=1) + "\n")
+
+
+@pytest.mark.parametrize("backend,max_chunk", [("cpu", None), pytest.param("cuda", 0, marks=needs_gpu),
+                                               pytest.param("cuda", 1 << 30, marks=needs_gpu)],
+                         ids=["cpu", "cuda-chunked", "cuda-one-chunk-per-vertex"])
+@pytest.mark.parametrize("height,width,classes", [(375, 500, 21), (480, 640, 81)], ids=["voc", "coco"])
+def test_bilateral_filter_on_a_flat_region(benchmark, backend, max_chunk, height, width, classes):
+    """Build the lattice of the CRF's bilateral kernel over a photo whose top 60 % is one grey, then filter."""
+    _native(backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    image = torch.from_numpy(flat_photo((height, width))).permute(2, 0, 1)[None].float()
+    features = lattice_features(image, 121.0, 5.0).to(device)
+    values = probability_maps(1, classes, (height, width))[0].reshape(1, classes, -1).to(device)
+    module = kernels.load(backend)
+
+    def run():
+        lattice = module.build(features) if max_chunk is None else module.build(features, max_chunk)
+        out = lattice.filter(values, 0)
+        gpu_sync()
+        return out
+
+    out = benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(backend=backend if max_chunk is None else f"{backend} max_chunk={max_chunk}",
+                                device=device, shape=f"{classes}x{height}x{width}")
+    assert out.shape == values.shape and torch.isfinite(out).all()

@@ -121,6 +121,11 @@ class Worker:
         self.greeted = False
 
     def ask(self, timeout: float, **request) -> dict:
+        self.send(**request)
+        return self._receive(timeout)
+
+    def send(self, **request) -> None:
+        """Start a request; `_receive` waits for its answer (two workers can work at once)."""
         if self.proc is None:
             self.start()
         if not self.greeted:
@@ -134,7 +139,6 @@ class Worker:
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # _receive reports the exit
-        return self._receive(timeout)
 
     def _receive(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -197,15 +201,23 @@ def verdict_of(case: str, results: dict, timer: str, floor: float = compare.FLOO
 
 
 def accuracy(workers: dict[str, Worker], seeds: list[int], out: Path) -> tuple[dict, list]:
-    """Train the accuracy recipe from each seed on the reference (A) and the head (B), alternately; judge each
+    """Train the accuracy recipe from each seed on the reference (A) and the head (B) side by side; judge each
     metric of the seed spread file (a revision missing a seed's result is n/a)."""
     spread = json.loads(SEED_SPREAD.read_text())
     found = {"ref": {}, "head": {}}
+    sides = (("A", "ref"), ("B", "head"))
     for seed in seeds:
-        for label, side in (("A", "ref"), ("B", "head")):
-            print(f"accuracy: training seed {seed} on the {side}", file=sys.stderr, flush=True)
+        print(f"accuracy: training seed {seed} on the ref and the head", file=sys.stderr, flush=True)
+        sent = {}
+        for label, side in sides:
             try:
-                reply = workers[label].ask(TRAIN_TIMEOUT_S, op="train", seed=seed, out=str(out / f"{label}-{seed}"))
+                workers[label].send(op="train", seed=seed, out=str(out / f"{label}-{seed}"))
+                sent[label] = True
+            except WorkerGone as err:
+                sent[label] = {"error": str(err)}
+        for label, side in sides:
+            try:
+                reply = workers[label]._receive(TRAIN_TIMEOUT_S) if sent[label] is True else sent[label]
             except WorkerGone as err:
                 reply = {"error": str(err)}
             if "error" in reply:

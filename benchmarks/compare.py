@@ -126,7 +126,8 @@ def parse_slowdown(spec: str, cases) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------
 # accuracy
-ACCURACY_Z = 3.0  # seed standard deviations of the difference a drop must exceed
+ACCURACY_Z = 1.645  # standard errors of the difference a drop must exceed: 5 % false alarms (one-sided, A/A)
+ACCURACY_DROP = 0.03  # the regression the gate is sized for: its power to catch one is reported
 
 
 @dataclass
@@ -136,30 +137,44 @@ class AccuracyRow:
     head: float | None
     tolerance: float
     verdict: str
+    power: float = math.nan   # the chance this comparison catches a drop of ACCURACY_DROP
 
     @property
     def failed(self) -> bool:
         return self.verdict == "LOWER"
 
 
+def gate_power(seed_std: float, ref_runs: float, head_runs: int, drop: float = ACCURACY_DROP,
+               z: float = ACCURACY_Z) -> float:
+    """The chance that a head whose mIoU is `drop` lower fails: the difference of the means has standard error
+    seed_std * sqrt(1/ref_runs + 1/head_runs), and fails beyond z of them."""
+    se = seed_std * math.sqrt(1 / ref_runs + 1 / head_runs)
+    return statistics.NormalDist().cdf(drop / se - z) if se > 0 else 1.0
+
+
 def judge_accuracy(metric: str, ref: list[float] | None, head: list[float] | None, seed_std: float,
-                   z: float = ACCURACY_Z) -> AccuracyRow:
-    """Both revisions trained from the same seeds: the head fails when its mean falls below the reference's by
-    more than z standard deviations of a difference of two such means, sqrt(2 / seeds) x the seed spread."""
+                   z: float = ACCURACY_Z, ref_runs: int | None = None) -> AccuracyRow:
+    """The head fails when its mean falls below the reference's by more than z standard errors of the
+    difference: seed_std x sqrt(1/ref_runs + 1/head runs), seed_std the recipe's spread over seeds (a float
+    change reshuffles a training like a new seed does, so seeds and revisions draw from one spread). ref_runs:
+    how many trainings the reference mean stands for (default: as many as `ref`; a stored mean: its seeds)."""
     if not (ref and head):
         return AccuracyRow(metric, ref and statistics.mean(ref), head and statistics.mean(head), math.nan, "n/a")
-    tolerance = z * seed_std * math.sqrt(2 / len(ref))
+    ref_runs = ref_runs or len(ref)
+    tolerance = z * seed_std * math.sqrt(1 / ref_runs + 1 / len(head))
     ref_mean, head_mean = statistics.mean(ref), statistics.mean(head)
-    return AccuracyRow(metric, ref_mean, head_mean, tolerance, "LOWER" if head_mean < ref_mean - tolerance else "ok")
+    return AccuracyRow(metric, ref_mean, head_mean, tolerance, "LOWER" if head_mean < ref_mean - tolerance else "ok",
+                       gate_power(seed_std, ref_runs, len(head)))
 
 
 def accuracy_table(rows: list[AccuracyRow], seeds: list[int]) -> str:
-    lines = [f"| mIoU (mean of seeds {', '.join(map(str, seeds))}) | ref | head | head - ref | tolerance | verdict |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [f"| mIoU (mean of seeds {', '.join(map(str, seeds))}) | ref | head | head - ref | tolerance | "
+             f"power at -{ACCURACY_DROP} | verdict |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         cells = [f"{v:.4f}" if v is not None else "n/a" for v in (r.ref, r.head)]
         diff = f"{r.head - r.ref:+.4f}" if r.ref is not None and r.head is not None else ""
         verdict = f"**{r.verdict}**" if r.failed else r.verdict
         tolerance = f"-{r.tolerance:.4f}" if math.isfinite(r.tolerance) else ""
-        lines.append(f"| {r.metric} | {cells[0]} | {cells[1]} | {diff} | {tolerance} | {verdict} |")
+        power = f"{100 * r.power:.0f} %" if math.isfinite(r.power) else ""
+        lines.append(f"| {r.metric} | {cells[0]} | {cells[1]} | {diff} | {tolerance} | {power} | {verdict} |")
     return "\n".join(lines)

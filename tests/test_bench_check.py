@@ -97,12 +97,21 @@ def test_table_lists_every_case_and_marks_failures():
 
 
 def test_accuracy_verdicts_follow_the_seed_spread():
-    assert compare.judge_accuracy("miou", [0.60], [0.55], seed_std=0.01).verdict == "LOWER"  # 0.05 > 3*0.014
-    assert compare.judge_accuracy("miou", [0.60], [0.58], seed_std=0.01).verdict == "ok"
+    # one seed each: the difference's standard error is 0.01 sqrt(2) = 0.0141, the tolerance 1.645 of them
+    one = compare.judge_accuracy("miou", [0.60], [0.58], seed_std=0.01)
+    assert one.tolerance == pytest.approx(1.645 * 0.01 * 2 ** 0.5) and one.verdict == "ok"  # -0.02 < 0.0233
+    assert compare.judge_accuracy("miou", [0.60], [0.57], seed_std=0.01).verdict == "LOWER"
+    # power at -0.03 by hand: P(Z > 1.645 - 0.03 / 0.0141) = Phi(0.476) = 0.683
+    assert one.power == pytest.approx(0.683, abs=1e-3)
     two_seeds = compare.judge_accuracy("miou", [0.60, 0.62], [0.58, 0.60], seed_std=0.01)
-    assert two_seeds.tolerance == pytest.approx(0.03) and two_seeds.verdict == "ok"
+    assert two_seeds.tolerance == pytest.approx(0.01645) and two_seeds.verdict == "LOWER"
+    # against a mean stored from 5 seeds, 2 head seeds: se = 0.01 sqrt(1/5 + 1/2)
+    stored = compare.judge_accuracy("miou", [0.61], [0.60, 0.60], seed_std=0.01, ref_runs=5)
+    assert stored.tolerance == pytest.approx(1.645 * 0.01 * 0.7 ** 0.5) and stored.verdict == "ok"
+    assert compare.gate_power(0.01, 5, 2) == pytest.approx(0.974, abs=1e-3)  # Phi(0.03 / 0.00837 - 1.645)
     assert compare.judge_accuracy("miou", None, [0.6], seed_std=0.01).verdict == "n/a"
-    assert "LOWER" in compare.accuracy_table([compare.judge_accuracy("miou", [0.6], [0.5], 0.01)], [0])
+    table = compare.accuracy_table([compare.judge_accuracy("miou", [0.6], [0.5], 0.01)], [0])
+    assert "LOWER" in table and "power at -0.03" in table
 
 
 @pytest.mark.parametrize("spec,message", [("nope:2", "names no case 'nope'"), ("par:0.5", "FACTOR >= 1"),
@@ -146,6 +155,12 @@ class FakeWorker:
     def __init__(self, label, log, seconds=0.1, setup_error=None, dies_after=None, miou=None):
         self.label, self.log, self.seconds, self.setup_error, self.dies_after = label, log, seconds, setup_error, dies_after
         self.miou = miou or {}
+
+    def send(self, **request):
+        self.pending = request
+
+    def _receive(self, timeout):
+        return self.ask(timeout, **self.pending)
 
     def ask(self, timeout, op, case=None, seed=None, out=None):
         if op == "train":

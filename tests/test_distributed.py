@@ -9,19 +9,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from toco.distributed.cluster import init_ray  # noqa: E402
 from toco.distributed.train import fit_distributed  # noqa: E402
 from toco.checkpoint import load_checkpoint  # noqa: E402
 from toco.engine.loop import Trainer  # noqa: E402
 
-pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest)
 
 
 def _use_store(cfg, tmp_path):

@@ -436,13 +436,12 @@ def test_a_killed_evaluation_resumes_to_the_numbers_of_an_uninterrupted_one(chec
 
 
 @pytest.mark.slow
-def test_two_ray_workers_give_exactly_the_confusion_matrix_of_one_process(checkpoint_dir, synthetic_on_disk,
-                                                                           tmp_path, monkeypatch):
+@pytest.mark.xdist_group("ray")
+def test_two_ray_workers_give_exactly_the_confusion_matrix_of_one_process(ray_cluster, checkpoint_dir,
+                                                                           synthetic_on_disk, tmp_path):
     """Sharded over 2 Ray Data actors, also resuming a folder another run left half done: the merged confusion
     matrices equal the single process's exactly."""
     from toco.distributed.evaluate import ray_shard_scorer
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     one = [run_evaluation(job) for job in _ms_jobs(synthetic_on_disk, checkpoint_dir / "last.pt", tmp_path / "one",
                                                    pseudo=True)]
     jobs = _ms_jobs(synthetic_on_disk, checkpoint_dir / "last.pt", tmp_path / "two", pseudo=True)

@@ -229,11 +229,16 @@ def test_cuda_arches_come_from_the_visible_gpu_else_torch_cuda_arch_list(monkeyp
 
 
 def test_cuda_home_is_found_from_the_nvcc_on_path(monkeypatch, tmp_path):
-    """A toolkit reachable only through PATH (no CUDA_HOME, none at /usr/local/cuda) is found and exported."""
-    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    """A toolkit reachable only through PATH (no CUDA_HOME, none at /usr/local/cuda) is found and exported; an
+    nvcc on PATH without a toolkit around it (a wrapper) is not taken for one."""
+    for toolkit in ("cuda", "wrapper"):
+        (tmp_path / toolkit / "bin").mkdir(parents=True)
+        nvcc = tmp_path / toolkit / "bin" / "nvcc"
+        nvcc.write_text("#!/bin/sh\n")
+        nvcc.chmod(0o755)
+    (tmp_path / "cuda" / "include").mkdir()
+    (tmp_path / "cuda" / "include" / "cuda.h").touch()
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\n")
-    nvcc.chmod(0o755)
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(nvcc.parent))
@@ -242,7 +247,7 @@ def test_cuda_home_is_found_from_the_nvcc_on_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_HOME", "/opt/elsewhere")  # set explicitly, it wins
     assert kernels.cuda_home() == "/opt/elsewhere"
     monkeypatch.delenv("CUDA_HOME")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("PATH", str(tmp_path / "wrapper" / "bin"))  # an nvcc with no toolkit around it
     assert kernels.cuda_home() is None
 
 

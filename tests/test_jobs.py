@@ -13,18 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY_RUN
 
-pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray test process at a time
 
 pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_JOB = TINY + ["data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",
-                   "data.synth_train=16", "data.synth_val=4", "data.num_workers=0", "pseudo.par_dilations=[1, 2]",
-                   "pseudo.par_iters=2", "loss.seg_start=2", "loss.reg_sigma_xy=8.0", "train.max_iters=4",
-                   "train.eval_every=4", "train.log_every=2", "train.ckpt_every=2", "optim.warmup_iters=2",
-                   "train.threads=1"]
+TINY_JOB = TINY_RUN + ["train.threads=1"]
 
 
 def _free_ports(n: int) -> list[int]:

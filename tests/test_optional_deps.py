@@ -6,17 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TINY
+from conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONAL = ["mlflow", "ray", "optuna", "pydensecrf"]
 MODULES = ["toco", "toco.config", "toco.data", "toco.models", "toco.engine.step", "toco.engine.loop",
            "toco.evaluation", "toco.crf", "toco.filters", "toco.kernels", "toco.par", "toco.pseudo", "toco.losses",
            "toco.metrics", "toco.viz", "toco.run", "toco.tracking", "toco.checkpoint", "toco.cli"]
-SMALL = TINY + ["data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",
-                "data.synth_train=8", "data.synth_val=2", "data.num_workers=0", "pseudo.par_dilations=[1, 2]",
-                "pseudo.par_iters=2", "loss.seg_start=1", "loss.reg_sigma_xy=8.0", "train.eval_every=2",
-                "train.log_every=1", "train.ckpt_every=2", "optim.warmup_iters=1", "tracking.enabled=false"]
+SMALL = TINY_RUN + ["data.synth_train=8", "data.synth_val=2", "loss.seg_start=1", "train.eval_every=2",
+                    "train.log_every=1", "optim.warmup_iters=1", "tracking.enabled=false"]
 
 # Runs in a fresh interpreter where `import <optional package>` raises ImportError, as where it is not installed.
 SCRIPT = """

@@ -7,17 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY_RUN
 from toco.config import ConfigError, load_config
 
-pytestmark = pytest.mark.slow  # Ray clusters: `make test-fast` leaves them out
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SWEEP = TINY + [
-    "data.synth_size=32", "data.crop_size=32", "data.val_size=32", "data.local_crop_size=16",
-    "data.synth_train=16", "data.synth_val=4", "data.num_workers=0", "pseudo.par_dilations=[1, 2]",
-    "pseudo.par_iters=2", "loss.seg_start=2", "loss.reg_sigma_xy=8.0", "optim.warmup_iters=2",
-    "train.threads=1", "train.log_every=1"]
+TINY_SWEEP = TINY_RUN + ["train.threads=1", "train.log_every=1"]
 
 
 def _write_spec(tmp_path: Path, **changes) -> Path:
@@ -51,16 +47,6 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
     experiment = load_config(REPO / "experiments" / "synthetic.yaml")  # trial 1 replays the experiment's values
     assert cfg.output_dir.startswith("/") and spec.default_params() == {
         "loss.w_ptc": experiment.loss.w_ptc, "pseudo.bkg_thre": experiment.pseudo.bkg_thre}
-
-
-@pytest.fixture
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    from toco.distributed.cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def test_four_trial_sweep_logs_four_nested_runs_under_one_parent(ray_cluster, tmp_path, capsys):

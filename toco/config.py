@@ -112,6 +112,7 @@ class PseudoConfig:
 class OptimConfig:
     lr: float = 6e-5
     head_lr_mult: float = 10.0           # classifiers, projection head, decoder
+    decoder_lr_mult: float | None = None  # the decoder's own multiplier; None: head_lr_mult (the paper)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -121,14 +121,15 @@ def load_cpu():
 
 
 def cuda_home() -> str | None:
-    """CUDA_HOME (or CUDA_PATH); else the toolkit of the nvcc on PATH, else /usr/local/cuda when it has nvcc. The
-    one found is exported as CUDA_HOME for cpp_extension."""
+    """CUDA_HOME (or CUDA_PATH); else the toolkit of the nvcc on PATH, else /usr/local/cuda: the first folder
+    with bin/nvcc and include/cuda.h (a bare nvcc wrapper on PATH is no toolkit). The one found is exported as
+    CUDA_HOME for cpp_extension."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         return home
     on_path = shutil.which("nvcc")
     for candidate in ([Path(on_path).resolve().parent.parent] if on_path else []) + [Path(DEFAULT_CUDA_HOME)]:
-        if (candidate / "bin" / "nvcc").exists():
+        if (candidate / "bin" / "nvcc").exists() and (candidate / "include" / "cuda.h").exists():
             os.environ["CUDA_HOME"] = str(candidate)
             return str(candidate)
     return None

@@ -22,7 +22,7 @@ def build_optimizer(model, optim_cfg, max_iters: int):
         dict(params=enc, lr=optim_cfg.lr, name="encoder"),
         dict(params=enc_norm, lr=optim_cfg.lr, name="encoder_norm"),
         dict(params=heads, lr=head_lr, name="heads"),
-        dict(params=decoder, lr=head_lr, name="decoder"),
+        dict(params=decoder, lr=optim_cfg.lr * (optim_cfg.decoder_lr_mult or optim_cfg.head_lr_mult), name="decoder"),
     ]
     optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps,
                                   weight_decay=optim_cfg.weight_decay)

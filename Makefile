@@ -36,8 +36,12 @@ test: $(STAMP)  ## the whole test suite (CUDA tests run on a GPU machine: make g
 test-fast: $(STAMP)  ## the test suite without the slow Ray, sweep and compile tests, for quick iterations
 	$(PYTEST) -m "not slow"
 
-ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC on the synthetic benchmark
-	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml
+# the ablation's seeds (every row trains from each) and how many trainings run at once
+SEEDS ?= 0 1 2 3 4
+JOBS ?= 2
+ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC from SEEDS: mean ± std per row, Welch's test against the row above
+	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml \
+		--seeds $(SEEDS) --jobs $(JOBS)
 
 # the synthetic default's backbone (experiments/pretext/synthetic.yaml): trains the pretext stage, then writes the
 # encoder the default loads; commit the file to change what `make demo` starts from
@@ -89,7 +93,7 @@ bench-baseline: $(STAMP)  ## re-measure this machine class's speed and the store
 	mkdir -p $(BASELINE)
 	TOCO_BENCH_WRITE_BASELINE=1 $(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-json=$(BASELINE)/speed.json
 
-bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds: the spread bench-check ACCURACY=1 allows
+bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds: the mean and spread both gates read
 	$(PY) benchmarks/seed_spread.py $(SPREAD_SEEDS)
 
 sweep: $(STAMP)  ## Ray Tune + Optuna + ASHA over loss weights and thresholds (ARGS=--resume / --restart)

@@ -1,4 +1,4 @@
-"""Bilateral filter and DenseCRF benchmarks (docs/kernels.md lists the measured numbers).
+"""Bilateral filter and DenseCRF benchmarks (docs/results.md lists the measured numbers).
 
 - the DenseCRF-loss filter at the training setting: batch 4, 21 channels, 224x224 (448 at scale 0.5),
   sigma_xy 50, sigma_rgb 15; and at full resolution 448x448 (sigma_xy 100); per backend (cpu, cuda if present);

@@ -1,7 +1,7 @@
 """The training loader's rate per process: one sample is the decoded (or generated) image rescaled, flipped and
 cropped, with its three augmented views (the main input, the second global view, the image the 8 local crops are
 cut from on the device). How many loader processes keep a GPU step fed follows: a 60 ms step of 4 images needs
-67 samples/s (docs/gpu.md).
+67 samples/s (docs/results.md).
 
 Cases: the paper's 448-px crops from VOC-sized JPEGs (500 x 375, decoded each time), from the generator at 448 px
 (experiments/smoke/voc_shape.yaml), and the synthetic default (96 px). The 448-px cases are large

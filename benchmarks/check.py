@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A/B speed (and accuracy) check of this tree against a ref.")
     parser.add_argument("--ref", default="main", help="compare against the merge base of this ref and HEAD")
     parser.add_argument("--rounds", type=int, default=15, help="rounds per case (each: A, A' and B once)")
-    parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
+    parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all; none: "
+                        "only the accuracy comparison)")
     parser.add_argument("--timer", choices=("cpu", "wall"), default="cpu", help="what the verdict compares")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     parser.add_argument("--floor", type=float, default=compare.FLOOR, help="smallest slowdown that fails (0.2: 20 %%)")
@@ -276,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 def check(args) -> int:
     from cases import CASES
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()] or list(CASES)
+    named = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [] if named == ["none"] else named or list(CASES)
+    if not cases and not args.accuracy:
+        raise CheckError("--cases none leaves nothing to check without --accuracy")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise CheckError(f"unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
@@ -316,9 +320,8 @@ def check(args) -> int:
     results, rows, trained, accuracy_rows = run_workers(args, base, cases, slowdown, seeds, out)
     elapsed = time.perf_counter() - started
 
-    report = compare.table(rows)
-    if accuracy_rows:
-        report += "\n\n" + compare.accuracy_table(accuracy_rows, seeds)
+    report = "\n\n".join(([compare.table(rows)] if rows else [])
+                           + ([compare.accuracy_table(accuracy_rows, seeds)] if accuracy_rows else []))
     failed = [r.case for r in rows if r.failed] + [f"accuracy {r.metric}" for r in accuracy_rows if r.failed]
     summary = (f"FAILED: {', '.join(failed)} beyond the tolerance" if failed else "passed") + \
         f" ({elapsed:.0f} s, {args.timer} time, ref {args.ref} {base[:8]}, head {head_label})"

@@ -21,27 +21,32 @@ import pytest
 import torch
 
 from machine import machine_class
-from support import ROOT, bench_config, format_stages
+from support import GATE_SEEDS, ROOT, bench_config, format_stages
 
 
 @dataclass
-class TrainedCheckpoint:
+class TrainedCheckpoints:
     cfg: object
-    path: Path
-    train_seconds: float
-    iterations: int
+    paths: list[Path]                # one checkpoint per seed
+    metrics: list[dict[str, float]]  # each seed's final validation (miou, miou_cam)
+    train_seconds: float             # wall time of all of them, side by side
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory) -> TrainedCheckpoint:
-    """The accuracy recipe trained from seed 0 on the CPU: the same weights on every run of the same machine."""
-    from toco.engine.loop import Trainer
+def trained_checkpoints(tmp_path_factory) -> TrainedCheckpoints:
+    """The accuracy recipe trained from seeds 0..GATE_SEEDS-1 on the CPU, side by side on one torch thread each:
+    the same weights on every run of the same machine."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from cases import train_accuracy_recipe
 
     cfg = bench_config("accuracy")
-    cfg.train.device, cfg.output_dir = "cpu", str(tmp_path_factory.mktemp("accuracy_run"))
+    folders = [str(tmp_path_factory.mktemp(f"accuracy_seed_{seed}")) for seed in range(GATE_SEEDS)]
     start = time.perf_counter()
-    outcome = Trainer(cfg).fit()
-    return TrainedCheckpoint(cfg, Path(cfg.output_dir) / "last.pt", time.perf_counter() - start, outcome.iteration)
+    with ProcessPoolExecutor(GATE_SEEDS, mp_context=get_context("spawn")) as pool:
+        metrics = list(pool.map(train_accuracy_recipe, range(GATE_SEEDS), folders, [1] * GATE_SEEDS))
+    return TrainedCheckpoints(cfg, [Path(f) / "last.pt" for f in folders], metrics, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def probe_environment() -> dict:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
                    gpu_sm=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count)
-    # loader processes: ~7 generated 448-px samples/s each (docs/gpu.md), 12 keep a 60-ms step of 4 fed; no more
+    # loader processes: 6-7 generated 448-px samples/s each (docs/results.md), 12 keep a 60-ms step of 4 fed; no more
     # than the cores leave (2 for the main process) and /dev/shm holds
     env["loader_workers"] = max(0, min(12, cores - 2, int(shm_mib // SHM_PER_LOADER_MIB))) if GPU else 0
     return env

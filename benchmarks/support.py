@@ -23,6 +23,7 @@ VIT_B = ["tracking.enabled=false", "data.synth_train=8", "data.synth_val=2", "da
 # the accuracy benchmark: the synthetic experiment itself, cut to 400 iterations (segmentation from 200) and 100
 # val images: 194 s on 2 quiet cores, enough for the CAMs to localise (CAM mIoU 0.62 against 0.15 for
 # all-background)
+GATE_SEEDS = 2  # the stored-baseline gate trains this many seeds side by side (2 cores: as long as one)
 ACCURACY = ["tracking.enabled=false", "data.num_workers=0", "data.synth_val=100", "train.max_iters=400",
             "loss.seg_start=200", "optim.warmup_iters=40", "train.eval_every=400", "train.log_every=100",
             "train.ckpt_every=400"]

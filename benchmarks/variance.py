@@ -29,6 +29,7 @@ COMMON = ["tracking.enabled=false", "data.num_workers=0", "train.threads=1", "tr
           "train.ckpt_every=50", "data.synth_val=1000", "train.val_limit=200", "train.ema_decay=0.995"]
 SNAPSHOTS_FROM = 0.8        # keep the weights every ckpt_every iterations from this share of the run on
 EXTRA_VAL = (200, 1000)     # val images beyond the 200 the benchmark validates on
+EXTRA_EMA_DECAYS = (0.99, 0.998)  # besides the trainer's own EMA (0.995)
 
 # study -> runs; a run is (name, overrides). Seed 0 of every source is the shared centre ("seeds-0").
 STUDIES = {
@@ -40,6 +41,8 @@ STUDIES = {
     "threads": [("threads-2", ["train.threads=2"])],
     "frozen": [(f"frozen-{s}", [f"train.seed={s}", "optim.waiting_heads=frozen"]) for s in range(5)],
     "declr2": [(f"declr2-{s}", [f"train.seed={s}", "optim.decoder_lr_mult=2"]) for s in range(5)],
+    "headlr": [(f"headlr-{s}", [f"train.seed={s}", "optim.head_lr_mult=1.2"]) for s in range(5)],
+    "paperlr": [(f"paperlr-{s}", [f"train.seed={s}", "optim.lr=6e-5"]) for s in range(5)],
     "seg300": [(f"seg300-{s}", [f"train.seed={s}", "loss.seg_start=300"]) for s in range(5)],
     "seg300frozen": [(f"seg300frozen-{s}", [f"train.seed={s}", "loss.seg_start=300", "optim.waiting_heads=frozen"])
                      for s in range(5)],
@@ -81,6 +84,18 @@ def train_and_score(name: str, overrides: list[str], out: str, extra: list[str])
 
     start = time.perf_counter()
     trainer = Trainer(cfg, on_checkpoint=keep)
+    # more weight averages than the trainer's own (train.ema_decay), updated after every optimizer step: they
+    # read the weights only, so the training is the same
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    extra_emas = {d: AveragedModel(trainer.model, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
+                  for d in EXTRA_EMA_DECAYS}
+
+    def average(optimizer, args, kwargs):
+        for ema in extra_emas.values():
+            ema.update_parameters(trainer.model)
+
+    trainer.optimizer.register_step_post_hook(average)
     trainer.fit()
     train_s = time.perf_counter() - start
     torch.set_num_threads(1)
@@ -97,10 +112,12 @@ def train_and_score(name: str, overrides: list[str], out: str, extra: list[str])
 
     final = snapshots[max(snapshots)]
     iters = sorted(snapshots)
-    average = {k: sum(snapshots[i][k].double() for i in iters).div(len(iters)).to(final[k].dtype) if
+    average_weights = {k: sum(snapshots[i][k].double() for i in iters).div(len(iters)).to(final[k].dtype) if
                final[k].is_floating_point() else final[k] for k in final}
     record = dict(name=name, overrides=overrides, train_s=round(train_s), iterations=cfg.train.max_iters,
-                  final=score(final, ("seg", "cam", "aux_cam")), ema=score(trainer.ema.module.state_dict()), average=score(average),
+                  final=score(final, ("seg", "cam", "aux_cam")), ema=score(trainer.ema.module.state_dict()),
+                  average=score(average_weights),
+                  **{f"ema_{d}": score(e.module.state_dict()) for d, e in extra_emas.items()},
                   average_of=iters[0],
                   snapshots={i: _summary(_scores(_load(model, snapshots[i]), cfg, source, range(EXTRA_VAL[0])), names)
                              for i in iters})

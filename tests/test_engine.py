@@ -1,10 +1,12 @@
 """The training step's schedule, a short run logged to MLflow, and resume equivalence."""
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from toco.checkpoint import CheckpointError, load_checkpoint, model_weights, save_checkpoint
 from toco.engine.loop import EpochBatches, Trainer
 from toco.runtime import NullLogger
 from toco.engine.step import active_terms, token_box, train_step
@@ -304,7 +306,8 @@ def test_ablation_cli_trains_every_seed_and_writes_the_table(tiny_cfg, tmp_path,
     tiny_cfg.tracking.enabled = False
     tiny_cfg.output_dir = str(tmp_path / "runs" / "tiny")
     save_config(tiny_cfg, tmp_path / "tiny.yaml")
-    main(["ablation", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1", "--json", str(tmp_path / "table.json")])
+    main(["ablation", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1", "--json", str(tmp_path / "table.json"),
+          "--jobs", "2"])  # two processes: the seeds' trainings side by side
     table = json.loads((tmp_path / "table.json").read_text())
     assert [(r["config"], r["seed"]) for r in table["runs"]] == [("tiny", 0), ("tiny", 1)]
     for seed, run in enumerate(table["runs"]):
@@ -315,3 +318,84 @@ def test_ablation_cli_trains_every_seed_and_writes_the_table(tiny_cfg, tmp_path,
     assert row["seg"]["mean"] == pytest.approx(sum(segs) / 2)
     assert row["seg"]["std"] == pytest.approx(abs(segs[0] - segs[1]) / 2 ** 0.5)
     assert "± " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- noise studies
+def test_frozen_waiting_heads_start_afresh_when_their_loss_starts(tiny_cfg, tmp_path):
+    """optim.waiting_heads=frozen: no AdamW state and no weight decay before seg_start, so the decoder enters its
+    first step as the initial weights with a fresh optimizer."""
+    tiny_cfg.optim.waiting_heads = "frozen"
+    waiting = _fit(tiny_cfg, tmp_path, "frozen", seg_start=100)
+    initial = build_model_like(tiny_cfg)
+    for p, q in zip(waiting.model.decoder.parameters(), initial.decoder.parameters()):
+        assert torch.equal(p, q) and not waiting.optimizer.state[p]
+    started = _fit(tiny_cfg, tmp_path, "started", seg_start=1)
+    (p, *_), state = list(started.model.decoder.parameters()), started.optimizer.state
+    assert int(state[p]["step"]) == 2  # iterations 1 and 2 of 3: stepped only once its loss started
+
+
+def test_each_source_of_randomness_follows_its_own_seed(tiny_cfg):
+    from toco.engine.loop import build_loaders
+
+    def first_batch(**seeds):
+        cfg = copy.deepcopy(tiny_cfg)
+        for key, value in seeds.items():
+            setattr(cfg.train, key, value)
+        return next(iter(build_loaders(cfg)[0]))
+
+    base = first_batch()
+    same_order = first_batch(augment_seed=7)   # other augmentation, the same images in the same order
+    same_aug = first_batch(order_seed=7)       # other images
+    assert torch.equal(base["cls_label"], same_order["cls_label"])
+    assert not torch.equal(base["image"], same_order["image"])
+    assert not torch.equal(base["cls_label"], same_aug["cls_label"]) or not torch.equal(base["image"], same_aug["image"])
+    assert torch.equal(first_batch(init_seed=7, crop_seed=7)["image"], base["image"])  # these touch no sample
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.train.seed, cfg.train.init_seed = 3, None
+    assert cfg.train.seed_of("init") == cfg.train.seed_of("crop") == 3
+    cfg.train.init_seed = 5
+    assert cfg.train.seed_of("init") == 5 and cfg.train.seed_of("order") == 3
+    inits = [Trainer(cfg).model.decoder.classifier.weight.clone() for cfg.train.init_seed in (5, 5, 6)]
+    assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
+
+
+def test_an_ema_of_the_weights_is_validated_kept_and_resumed(tiny_cfg, tmp_path):
+    """train.ema_decay: validation and best.pt use the weight average, last.pt keeps both, a resumed run
+    continues the average exactly, and `toco eval` of last.pt scores the average."""
+    tiny_cfg.train.ema_decay, tiny_cfg.train.log_every = 0.5, 1
+    tiny_cfg.output_dir = str(tmp_path / "full")
+    full = Trainer(tiny_cfg)
+    full.fit()
+    state = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert int(state["ema_updates"]) == 4
+    average = state["ema_model"]
+    for key, raw in state["model"].items():  # decay 0.5 over 4 steps: never equal to the raw weights that moved
+        if raw.is_floating_point() and "decoder" in key:
+            assert not torch.equal(average[key], raw), key
+    assert model_weights(state, "last.pt") is average
+    best = load_checkpoint(tmp_path / "full" / "best.pt")["model"]
+    assert all(torch.equal(best[k], average[k]) for k in best)
+
+    tiny_cfg.output_dir = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg, Recorder(kill_at=3)).fit()
+    Trainer(tiny_cfg, resume=tmp_path / "killed" / "last.pt").fit()
+    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
+    for key, value in average.items():
+        torch.testing.assert_close(resumed["ema_model"][key], value, rtol=1e-5, atol=1e-7, msg=key)
+    del resumed["ema_model"]  # a run without an average cannot be resumed into one: it would start from nothing
+    save_checkpoint(tmp_path / "no_ema.pt", resumed)
+    with pytest.raises(CheckpointError, match="no weight average"):
+        Trainer(tiny_cfg, resume=tmp_path / "no_ema.pt")
+
+
+def test_the_decoder_can_take_its_own_learning_rate(tiny_cfg):
+    from toco.engine.optim import build_optimizer
+    from toco.models import build_model
+
+    model = build_model(tiny_cfg.model, tiny_cfg.data.num_classes)
+    tiny_cfg.optim.decoder_lr_mult = 2.0
+    optimizer, _ = build_optimizer(model, tiny_cfg.optim, 10)
+    lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert lrs["decoder"] == pytest.approx(2 * tiny_cfg.optim.lr)
+    assert lrs["heads"] == pytest.approx(tiny_cfg.optim.head_lr_mult * tiny_cfg.optim.lr)

@@ -471,7 +471,7 @@ def test_bf16_inference_stays_within_stated_tolerances_of_fp32():
     """`inference.precision: bf16`: the network under autocast, everything after it in fp32. On the synthetic
     model (its pretext encoder, untrained heads) over val images, single scale and MS + flip: probabilities within
     0.05 (largest) and 1e-3 (mean) of fp32's, labels on >= 98 % of the pixels the same, mIoU within 0.005.
-    (A trained synthetic model measured 0.021, 1e-4, 99.9 % and 1e-4: docs/evaluation.md.)"""
+    (A trained synthetic model measured 0.021, 1e-4, 99.9 % and 1e-4: docs/results.md.)"""
     from toco.data import build_source
     from toco.evaluation import evaluate_model
     from toco.models import build_model

@@ -58,24 +58,40 @@ def verdict(test: dict) -> str:
     return f"{sign}{test['diff']:.3f} [{test['low']:+.3f}, {test['high']:+.3f}] p={test['p']:.3f} {word}"
 
 
-def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[str], out: str | Path) -> list[dict]:
-    """Check every config, then train each once per seed (each in <output_dir>/seed_<n> and its own MLflow
-    run); write every run and the rows to `out` and return the rows."""
-    from toco.run import check_before_run, run_training
+def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:
+    """One row's training from one seed, in its own folder and MLflow run; its metrics."""
+    from toco.run import run_training
+
+    cfg = load_config(path, overrides)
+    if seed is not None:
+        cfg.train.seed = seed
+        cfg.output_dir = str(Path(cfg.output_dir) / f"seed_{seed}")
+        cfg.tracking.run_name = f"{cfg.tracking.run_name or Path(path).stem} seed {seed}"
+    if threads:
+        cfg.train.threads = threads
+    summary = run_training(cfg, Path(path).stem)
+    return dict(config=Path(path).stem, seed=cfg.train.seed, **{k: summary[key] for k, key in METRICS.items()})
+
+
+def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[str], out: str | Path,
+                 jobs: int = 1) -> list[dict]:
+    """Check every config, then train each once per seed, `jobs` trainings at a time (each on cores / jobs torch
+    threads); write every run and the rows to `out` and return the rows."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from toco.run import check_before_run
 
     for path in configs:  # every config checked before the first one trains
         check_before_run(load_config(path, overrides))
-    runs = []
-    for path in configs:
-        for seed in seeds or [None]:
-            cfg = load_config(path, overrides)
-            if seed is not None:
-                cfg.train.seed = seed
-                cfg.output_dir = str(Path(cfg.output_dir) / f"seed_{seed}")
-                cfg.tracking.run_name = f"{cfg.tracking.run_name or Path(path).stem} seed {seed}"
-            summary = run_training(cfg, Path(path).stem)
-            runs.append(dict(config=Path(path).stem, seed=cfg.train.seed,
-                             **{k: summary[key] for k, key in METRICS.items()}))
+    tasks = [(path, seed) for path in configs for seed in (seeds or [None])]
+    if jobs <= 1:
+        runs = [_train(path, seed, overrides, None) for path, seed in tasks]
+    else:
+        threads = max(1, (os.cpu_count() or jobs) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            runs = list(pool.map(_train, *zip(*[(path, seed, overrides, threads) for path, seed in tasks])))
     rows = aggregate(runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def cmd_ablation(args) -> None:
     from toco.ablation import COMPARED, METRICS, ablation_table, run_ablation
     from toco.report import table
 
-    rows = run_ablation(args.configs, args.seeds, args.overrides, args.json)
+    rows = run_ablation(args.configs, args.seeds, args.overrides, args.json, args.jobs)
     print("\n" + table(ablation_table(rows), ["config", "seeds", *METRICS, *(f"{m} vs above" for m in COMPARED)]))
     print(f"\nwrote {args.json}")
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "<output_dir>/seed_<n>, and report mean ± std and Welch's test between rows (default: once, "
                    "with the config's seed)")
     p.add_argument("--json", default="runs/ablation/summary.json", help="where to write every run and the table")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="trainings at a time, each on cores / N torch threads (default 1)")
     p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("eval", help="score a checkpoint on a split: per-class IoU, mIoU, pictures, MLflow")

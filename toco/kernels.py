@@ -22,7 +22,7 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_CUDA_ARCH = "8.0"  # with PTX, which newer GPUs run through the driver's JIT
-COMPILE_TIME = {"cpu": "1 min", "cuda": "2-5 min"}  # measured on 2 shared cores (docs/kernels.md)
+COMPILE_TIME = {"cpu": "1 min", "cuda": "2-5 min"}  # measured on 2 shared cores (docs/results.md)
 
 
 class KernelBuildError(RuntimeError):

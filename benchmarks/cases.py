@@ -151,7 +151,7 @@ CASES = {f.__name__: f for f in (train_step, inference_ss, inference_ms_flip, bi
 # ----------------------------------------------------------------------------------------------------
 # accuracy
 def train_accuracy_recipe(seed: int, out_dir: str, threads: int) -> dict[str, float]:
-    """Train support.ACCURACY (the synthetic experiment cut to 400 iterations) from `seed` on `threads` torch
+    """Train support.ACCURACY (the synthetic experiment) from `seed` on `threads` torch
     threads (one wastes least on a busy machine); the final validation's segmentation and CAM mIoU."""
     from support import ACCURACY
 

@@ -202,7 +202,7 @@ def verdict_of(case: str, results: dict, timer: str, floor: float = compare.FLOO
 
 def accuracy(workers: dict[str, Worker], seeds: list[int], out: Path) -> tuple[dict, list]:
     """Train the accuracy recipe from each seed on the reference (A) and the head (B) side by side; judge each
-    metric of the seed spread file (a revision missing a seed's result is n/a)."""
+    metric of the seed spread file, paired by seed, against its paired_std (a revision missing a seed's result is n/a)."""
     spread = json.loads(SEED_SPREAD.read_text())
     found = {"ref": {}, "head": {}}
     sides = (("A", "ref"), ("B", "head"))
@@ -230,7 +230,7 @@ def accuracy(workers: dict[str, Worker], seeds: list[int], out: Path) -> tuple[d
         return values if len(values) == len(seeds) else None
 
     rows = [compare.judge_accuracy(metric, complete("ref", metric), complete("head", metric), std)
-            for metric, std in spread["std"].items()]
+            for metric, std in spread["paired_std"].items()]
     return found, rows
 
 

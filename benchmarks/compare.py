@@ -144,27 +144,25 @@ class AccuracyRow:
         return self.verdict == "LOWER"
 
 
-def gate_power(seed_std: float, ref_runs: float, head_runs: int, drop: float = ACCURACY_DROP,
-               z: float = ACCURACY_Z) -> float:
-    """The chance that a head whose mIoU is `drop` lower fails: the difference of the means has standard error
-    seed_std * sqrt(1/ref_runs + 1/head_runs), and fails beyond z of them."""
-    se = seed_std * math.sqrt(1 / ref_runs + 1 / head_runs)
+def gate_power(paired_std: float, seeds: int, drop: float = ACCURACY_DROP, z: float = ACCURACY_Z) -> float:
+    """The chance that a head whose mIoU is `drop` lower fails: the mean of `seeds` per-seed differences has
+    standard error paired_std / sqrt(seeds), and fails beyond z of them."""
+    se = paired_std / math.sqrt(seeds)
     return statistics.NormalDist().cdf(drop / se - z) if se > 0 else 1.0
 
 
-def judge_accuracy(metric: str, ref: list[float] | None, head: list[float] | None, seed_std: float,
-                   z: float = ACCURACY_Z, ref_runs: int | None = None) -> AccuracyRow:
-    """The head fails when its mean falls below the reference's by more than z standard errors of the
-    difference: seed_std x sqrt(1/ref_runs + 1/head runs), seed_std the recipe's spread over seeds (a float
-    change reshuffles a training like a new seed does, so seeds and revisions draw from one spread). ref_runs:
-    how many trainings the reference mean stands for (default: as many as `ref`; a stored mean: its seeds)."""
-    if not (ref and head):
+def judge_accuracy(metric: str, ref: list[float] | None, head: list[float] | None, paired_std: float,
+                   z: float = ACCURACY_Z) -> AccuracyRow:
+    """Paired by seed: ref[i] and head[i] come from the same training seed. The head fails when the mean of
+    head[i] - ref[i] falls below -z standard errors, paired_std / sqrt(seeds), where paired_std is how far two
+    trainings of one seed land apart when only their float rounding differs (benchmarks/seed_spread.py): the
+    seed's own luck, most of the spread over seeds, cancels in the difference."""
+    if not (ref and head) or len(ref) != len(head):
         return AccuracyRow(metric, ref and statistics.mean(ref), head and statistics.mean(head), math.nan, "n/a")
-    ref_runs = ref_runs or len(ref)
-    tolerance = z * seed_std * math.sqrt(1 / ref_runs + 1 / len(head))
-    ref_mean, head_mean = statistics.mean(ref), statistics.mean(head)
-    return AccuracyRow(metric, ref_mean, head_mean, tolerance, "LOWER" if head_mean < ref_mean - tolerance else "ok",
-                       gate_power(seed_std, ref_runs, len(head)))
+    tolerance = z * paired_std / math.sqrt(len(head))
+    drop = statistics.mean(h - r for r, h in zip(ref, head))
+    return AccuracyRow(metric, statistics.mean(ref), statistics.mean(head), tolerance,
+                       "LOWER" if drop < -tolerance else "ok", gate_power(paired_std, len(head)))
 
 
 def accuracy_table(rows: list[AccuracyRow], seeds: list[int]) -> str:

@@ -96,20 +96,21 @@ def test_table_lists_every_case_and_marks_failures():
     assert text.count("**SLOWER**") == 1
 
 
-def test_accuracy_verdicts_follow_the_seed_spread():
-    # one seed each: the difference's standard error is 0.01 sqrt(2) = 0.0141, the tolerance 1.645 of them
-    one = compare.judge_accuracy("miou", [0.60], [0.58], seed_std=0.01)
-    assert one.tolerance == pytest.approx(1.645 * 0.01 * 2 ** 0.5) and one.verdict == "ok"  # -0.02 < 0.0233
-    assert compare.judge_accuracy("miou", [0.60], [0.57], seed_std=0.01).verdict == "LOWER"
-    # power at -0.03 by hand: P(Z > 1.645 - 0.03 / 0.0141) = Phi(0.476) = 0.683
-    assert one.power == pytest.approx(0.683, abs=1e-3)
-    two_seeds = compare.judge_accuracy("miou", [0.60, 0.62], [0.58, 0.60], seed_std=0.01)
-    assert two_seeds.tolerance == pytest.approx(0.01645) and two_seeds.verdict == "LOWER"
-    # against a mean stored from 5 seeds, 2 head seeds: se = 0.01 sqrt(1/5 + 1/2)
-    stored = compare.judge_accuracy("miou", [0.61], [0.60, 0.60], seed_std=0.01, ref_runs=5)
-    assert stored.tolerance == pytest.approx(1.645 * 0.01 * 0.7 ** 0.5) and stored.verdict == "ok"
-    assert compare.gate_power(0.01, 5, 2) == pytest.approx(0.974, abs=1e-3)  # Phi(0.03 / 0.00837 - 1.645)
-    assert compare.judge_accuracy("miou", None, [0.6], seed_std=0.01).verdict == "n/a"
+def test_accuracy_verdicts_pair_the_seeds():
+    # one seed: the difference's standard error is the paired std itself, the tolerance 1.645 of it
+    one = compare.judge_accuracy("miou", [0.60], [0.585], paired_std=0.01)
+    assert one.tolerance == pytest.approx(0.01645) and one.verdict == "ok"  # -0.015 > -0.01645
+    assert compare.judge_accuracy("miou", [0.60], [0.58], paired_std=0.01).verdict == "LOWER"
+    # power at -0.03 by hand: P(Z > 1.645 - 0.03 / 0.01) = Phi(1.355) = 0.912
+    assert one.power == pytest.approx(0.912, abs=1e-3)
+    # two seeds: the mean of the differences (-0.01, +0.01) is 0, whatever the seeds' own levels
+    even = compare.judge_accuracy("miou", [0.70, 0.60], [0.69, 0.61], paired_std=0.01)
+    assert even.tolerance == pytest.approx(0.01645 / 2 ** 0.5) and even.verdict == "ok"
+    # the seeds' luck cancels: a hard seed (0.60) and an easy one (0.70) both 0.015 lower is a drop beyond 0.0116
+    assert compare.judge_accuracy("miou", [0.70, 0.60], [0.685, 0.585], paired_std=0.01).verdict == "LOWER"
+    assert compare.gate_power(0.01, 2) == pytest.approx(0.9953, abs=1e-4)  # Phi(0.03 / 0.00707 - 1.645)
+    assert compare.judge_accuracy("miou", None, [0.6], paired_std=0.01).verdict == "n/a"
+    assert compare.judge_accuracy("miou", [0.6], [0.6, 0.6], paired_std=0.01).verdict == "n/a"  # seeds must match
     table = compare.accuracy_table([compare.judge_accuracy("miou", [0.6], [0.5], 0.01)], [0])
     assert "LOWER" in table and "power at -0.03" in table
 
@@ -212,9 +213,10 @@ def test_machine_class_names_the_cpu_model():
     assert machine.cpu_model_slug("model name\t: Intel(R) Xeon(R) Processor\n") == "intel-xeon"
 
 
-def test_accuracy_compares_the_same_seeds_against_the_stored_seed_spread(tmp_path, monkeypatch):
+def test_accuracy_compares_the_same_seeds_against_the_stored_paired_noise(tmp_path, monkeypatch):
     spread = tmp_path / "accuracy_seed_spread.json"
-    spread.write_text('{"std": {"miou": 0.01, "miou_cam": 0.02}, "runs": []}')
+    spread.write_text('{"std": {"miou": 0.5, "miou_cam": 0.5}, "paired_std": {"miou": 0.01, "miou_cam": 0.02}, '
+                      '"runs": []}')
     monkeypatch.setattr(check, "SEED_SPREAD", spread)
     workers = {"A": FakeWorker("A", [], miou={0: 0.60, 1: 0.62}), "B": FakeWorker("B", [], miou={0: 0.55, 1: 0.56})}
     found, rows = check.accuracy(workers, [0, 1], tmp_path)

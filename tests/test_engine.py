@@ -275,27 +275,54 @@ def test_ablation_aggregates_each_config_over_its_seeds():
     assert "vs_previous" not in rows[1]  # one seed: nothing to test
 
 
-def test_ablation_rows_are_compared_by_welchs_test():
+def _ablation_run(config, seed, seg, cam):
+    return dict(config=config, seed=seed, seg=seg, cam=cam, aux_cam=0.5, cls_f1=1.0, wall_s=1.0)
+
+
+def test_ablation_rows_from_the_same_seeds_are_compared_seed_by_seed():
+    """Paired t by hand: per-seed differences 0.11, 0.07, 0.12 (mean 0.1, sample variance 7e-4): t = 0.1 /
+    sqrt(7e-4 / 3) = 6.547 on 2 degrees of freedom."""
+    from scipy import stats
+
+    from toco.ablation import aggregate, verdict
+
+    runs = [_ablation_run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
+    runs += [_ablation_run("ptc", s, seg, 0.60 + 0.01 * s) for s, seg in enumerate((0.70, 0.68, 0.72))]
+    base, ptc = aggregate(runs)
+    test = ptc["vs_previous"]["seg"]
+    se = (7e-4 / 3) ** 0.5
+    assert test["test"] == "paired" and test["diff"] == pytest.approx(0.1)
+    assert test["p"] == pytest.approx(2 * stats.t.sf(0.1 / se, 2), rel=1e-6)
+    half_width = stats.t.ppf(0.975, 2) * se
+    assert (test["low"], test["high"]) == (pytest.approx(0.1 - half_width), pytest.approx(0.1 + half_width))
+    assert verdict(test).endswith("differs (paired)")
+    # CAM differences 0, 0.01, 0.02: t = 0.01 / (0.01 / sqrt(3)) = 1.732, p = 0.225
+    assert ptc["vs_previous"]["cam"]["p"] == pytest.approx(2 * stats.t.sf(3 ** 0.5, 2), rel=1e-6)
+    assert ptc["vs_previous"]["aux_cam"]["p"] == 1.0  # identical, no spread
+    # a constant shift is exact however far apart the seeds are
+    shifted = aggregate([_ablation_run("a", s, v, 0.5) for s, v in enumerate((0.5, 0.7))]
+                        + [_ablation_run("b", s, v + 0.01, 0.5) for s, v in enumerate((0.5, 0.7))])[1]
+    assert shifted["vs_previous"]["seg"] == dict(diff=pytest.approx(0.01), low=pytest.approx(0.01),
+                                                 high=pytest.approx(0.01), p=0.0, test="exact")
+
+
+def test_ablation_rows_from_other_seeds_are_compared_by_welchs_test():
     """Welch's t by hand: means 0.70 and 0.60, variances 1e-4 and 4e-4 over 3 seeds each: t = 0.1 / sqrt(5e-4 /
     3) = 7.746 on Welch-Satterthwaite df = (5e-4/3)^2 / ((1e-4/3)^2/2 + (4e-4/3)^2/2) = 2.941."""
     from scipy import stats
 
     from toco.ablation import aggregate, verdict
 
-    def run(config, seed, seg, cam):
-        return dict(config=config, seed=seed, seg=seg, cam=cam, aux_cam=0.5, cls_f1=1.0, wall_s=1.0)
-
-    runs = [run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
-    runs += [run("ptc", s, seg, 0.60 + 0.01 * s) for s, seg in enumerate((0.70, 0.68, 0.72))]
+    runs = [_ablation_run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
+    runs += [_ablation_run("ptc", s + 3, seg, 0.60) for s, seg in enumerate((0.70, 0.68, 0.72))]
     base, ptc = aggregate(runs)
     test = ptc["vs_previous"]["seg"]
     t, df = 0.1 / (5e-4 / 3) ** 0.5, (5e-4 / 3) ** 2 / ((1e-4 / 3) ** 2 / 2 + (4e-4 / 3) ** 2 / 2)
-    assert test["diff"] == pytest.approx(0.1)
+    assert test["test"] == "Welch" and test["diff"] == pytest.approx(0.1)
     assert test["p"] == pytest.approx(2 * stats.t.sf(t, df), rel=1e-6)
     half_width = stats.t.ppf(0.975, df) * (5e-4 / 3) ** 0.5
     assert (test["low"], test["high"]) == (pytest.approx(0.1 - half_width), pytest.approx(0.1 + half_width))
-    assert verdict(test).endswith("differs") and test["p"] < 0.05
-    assert verdict(ptc["vs_previous"]["cam"]).endswith("within spread")  # +0.01 on a spread of 0.01
+    assert verdict(test).endswith("differs (Welch)") and test["p"] < 0.05
     assert ptc["vs_previous"]["aux_cam"]["p"] == 1.0  # identical, no spread
 
 

@@ -13,7 +13,9 @@ from toco.config import ConfigError, load_config
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SWEEP = TINY_RUN + ["train.threads=1", "train.log_every=1"]
+# the spec's overrides set each trial's length and report interval: the command line must not replace them
+TINY_SWEEP = [o for o in TINY_RUN if not o.startswith(("train.max_iters=", "train.eval_every=", "train.ckpt_every="))]
+TINY_SWEEP += ["train.threads=1", "train.log_every=1"]
 
 
 def _write_spec(tmp_path: Path, **changes) -> Path:

@@ -1,9 +1,11 @@
 """`toco ablation`: several configs, each trained from the same seeds, compared row by row.
 
 Every row is a config with its mean ± sample standard deviation per metric over the seeds. Each row after the
-first is compared with the row before it by Welch's t-test (unequal variances) on every metric: the difference of
-the means, its 95 % confidence interval and the p-value, and whether it exceeds the seed spread (p < 0.05). Seeds
-are the same for every row, so every row carries the same number of them.
+first is compared with the row before it on every metric: the difference of the means, its 95 % confidence
+interval and the p-value, and whether it exceeds the noise (p < 0.05). Rows trained from the same seeds are
+compared seed by seed (a paired t-test): on the synthetic benchmark a seed's luck (which classes its initialisation
+and data order favour) carries over from one config to the next, and the pairing removes it. Rows with other seeds
+fall back to Welch's t-test (unequal variances).
 """
 from __future__ import annotations
 
@@ -20,22 +22,26 @@ COMPARED = ("seg", "cam", "aux_cam")  # the metrics rows are tested on
 ALPHA = 0.05
 
 
-def welch(a: list[float], b: list[float]) -> dict:
-    """mean(b) - mean(a), its 95 % confidence interval and the two-sided p-value of Welch's t-test."""
+def compare_rows(a: list[float], b: list[float], paired: bool) -> dict:
+    """mean(b) - mean(a), its 95 % confidence interval and the two-sided p-value: of the paired t-test on the
+    per-seed differences when `paired` (a[i] and b[i] from one seed), else of Welch's t-test."""
     from scipy import stats
 
     diff = statistics.fmean(b) - statistics.fmean(a)
-    if statistics.pstdev(a) == statistics.pstdev(b) == 0:  # no spread at all: the difference is exact
-        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0)
-    result = stats.ttest_ind(b, a, equal_var=False)
+    spread = statistics.pstdev([y - x for x, y in zip(a, b)]) if paired else statistics.pstdev(a) + statistics.pstdev(b)
+    if spread == 0:  # no noise at all: the difference is exact
+        return dict(diff=diff, low=diff, high=diff, p=0.0 if diff else 1.0, test="exact")
+    result = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
     interval = result.confidence_interval(0.95)
-    return dict(diff=diff, low=float(interval.low), high=float(interval.high), p=float(result.pvalue))
+    return dict(diff=diff, low=float(interval.low), high=float(interval.high), p=float(result.pvalue),
+                test="paired" if paired else "Welch")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
     """One row per config (first-seen order) from runs {config, seed, <METRICS keys>}: its seeds, per metric
-    {mean, std} (std the sample standard deviation, None for one run), and per compared metric Welch's test
-    against the previous row (`vs_previous`, from the second row on, with two seeds or more per row)."""
+    {mean, std} (std the sample standard deviation, None for one run), and per compared metric the test against
+    the previous row (`vs_previous`, from the second row on, with two seeds or more per row; paired when both
+    rows hold the same seeds)."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(run["config"], []).append(run)
@@ -47,7 +53,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             row["values"][metric] = values
             row[metric] = dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None)
         if rows and len(group) > 1 and len(rows[-1]["seeds"]) > 1:
-            row["vs_previous"] = {m: welch(rows[-1]["values"][m], row["values"][m]) for m in COMPARED}
+            paired = rows[-1]["seeds"] == row["seeds"]
+            row["vs_previous"] = {m: compare_rows(rows[-1]["values"][m], row["values"][m], paired) for m in COMPARED}
         rows.append(row)
     return rows
 
@@ -55,7 +62,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 def verdict(test: dict) -> str:
     sign = "+" if test["diff"] >= 0 else ""
     word = "differs" if test["p"] < ALPHA else "within spread"
-    return f"{sign}{test['diff']:.3f} [{test['low']:+.3f}, {test['high']:+.3f}] p={test['p']:.3f} {word}"
+    return (f"{sign}{test['diff']:.3f} [{test['low']:+.3f}, {test['high']:+.3f}] p={test['p']:.3f} {word} "
+            f"({test['test']})")
 
 
 def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "whether each row differs from the one above beyond the seed spread")
     p.add_argument("configs", nargs="+", metavar="config", help="YAML configs, trained in turn")
     p.add_argument("--seeds", type=int, nargs="+", help="train each config once per seed (train.seed), each in "
-                   "<output_dir>/seed_<n>, and report mean ± std and Welch's test between rows (default: once, "
+                   "<output_dir>/seed_<n>, and report mean ± std and a paired t-test between rows (default: once, "
                    "with the config's seed)")
     p.add_argument("--json", default="runs/ablation/summary.json", help="where to write every run and the table")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -39,7 +39,7 @@ test-fast: $(STAMP)  ## the test suite without the slow Ray, sweep and compile t
 # the ablation's seeds (every row trains from each) and how many trainings run at once
 SEEDS ?= 0 1 2 3 4
 JOBS ?= 2
-ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC from SEEDS: mean ± std per row, Welch's test against the row above
+ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC from SEEDS: mean ± std per row, a paired t-test against the row above
 	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml \
 		--seeds $(SEEDS) --jobs $(JOBS)
 
@@ -93,7 +93,7 @@ bench-baseline: $(STAMP)  ## re-measure this machine class's speed and the store
 	mkdir -p $(BASELINE)
 	TOCO_BENCH_WRITE_BASELINE=1 $(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-json=$(BASELINE)/speed.json
 
-bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds: the mean and spread both gates read
+bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds on 1 and 2 threads: the per-seed mIoU and noise both gates read
 	$(PY) benchmarks/seed_spread.py $(SPREAD_SEEDS)
 
 sweep: $(STAMP)  ## Ray Tune + Optuna + ASHA over loss weights and thresholds (ARGS=--resume / --restart)

@@ -155,8 +155,8 @@ def judge_accuracy(metric: str, ref: list[float] | None, head: list[float] | Non
                    z: float = ACCURACY_Z) -> AccuracyRow:
     """Paired by seed: ref[i] and head[i] come from the same training seed. The head fails when the mean of
     head[i] - ref[i] falls below -z standard errors, paired_std / sqrt(seeds), where paired_std is how far two
-    trainings of one seed land apart when only their float rounding differs (benchmarks/seed_spread.py): the
-    seed's own luck, most of the spread over seeds, cancels in the difference."""
+    trainings of one seed land apart when only their float rounding differs (benchmarks/seed_spread.py): what the
+    seed itself decides (initialisation, data order, augmentations) cancels in the difference."""
     if not (ref and head) or len(ref) != len(head):
         return AccuracyRow(metric, ref and statistics.mean(ref), head and statistics.mean(head), math.nan, "n/a")
     tolerance = z * paired_std / math.sqrt(len(head))

@@ -3,7 +3,7 @@ under controlled variations (every source of randomness at once, one alone with 
 seeds on two torch threads, the recipe before its decoder was frozen while waiting) and scores every run's weights
 in several ways: the last weights, their exponential moving average (what the recipe reports), the average of the
 late snapshots, on the val split and on 800 further val images. One JSON line per run; a run already there is not
-trained again, so an interrupted study resumes. `--report` prints the tables of docs/benchmarks.md ("Where the
+trained again, so an interrupted study resumes. `--report` prints the tables of docs/results.md ("Where the
 spread over seeds comes from").
 
     PYTHONPATH=. python benchmarks/variance.py STUDY [STUDY ...] [--jobs 2] [--out runs/variance]

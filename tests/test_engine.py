@@ -227,6 +227,7 @@ def _assert_same_params_and_adamw_state(a: Trainer, b: Trainer, head: str) -> No
 def test_a_waiting_decoder_evolves_as_under_the_originals_zero_weighted_losses(tiny_cfg, tmp_path):
     """Before seg_start the original computed seg and reg with weight 0: the decoder took zero gradients, so
     AdamW advanced its state and decayed its weights. toco skips the forward and gives it zero gradients."""
+    tiny_cfg.optim.waiting_heads = "step"  # the original's behaviour (the synthetic default freezes them)
     waiting = _fit(tiny_cfg, tmp_path, "waiting", seg_start=3)
     zero_weighted = _fit(tiny_cfg, tmp_path, "zero", seg_start=0, w_seg=0.0, w_reg=0.0)
     _assert_same_params_and_adamw_state(waiting, zero_weighted, "decoder")
@@ -236,6 +237,7 @@ def test_a_waiting_decoder_evolves_as_under_the_originals_zero_weighted_losses(t
 
 def test_a_waiting_projection_head_and_teacher_evolve_as_under_zero_weighted_losses(tiny_cfg, tmp_path):
     """COCO's first stage: PTC and CTC with weight 0 in the original, the EMA teacher updated every iteration."""
+    tiny_cfg.optim.waiting_heads = "step"  # the original's behaviour (the synthetic default freezes them)
     waiting = _fit(tiny_cfg, tmp_path, "waiting", seg_start=100, ptc_ctc_start=3)
     zero_weighted = _fit(tiny_cfg, tmp_path, "zero", seg_start=100, ptc_ctc_start=0, w_ptc=0.0, w_ctc=0.0)
     _assert_same_params_and_adamw_state(waiting, zero_weighted, "proj_head")

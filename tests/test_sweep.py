@@ -43,6 +43,8 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [1.0, 0.5]}}))
     with pytest.raises(ConfigError, match="outside space.loss.w_ptc"):  # the experiment's value is the baseline trial
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [0.5, 1.0]}}))
+    with pytest.raises(ConfigError, match=r"grace_period=5 must lie in 1..train.max_iters \(4\)"):
+        load_sweep(_write_spec(tmp_path, grace_period=5))
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     cfg = spec.trial_config({"loss.w_ptc": 0.3})
     assert cfg.loss.w_ptc == 0.3 and cfg.train.max_iters == 4 and cfg.train.ckpt_every == 2
@@ -56,6 +58,8 @@ def test_four_trial_sweep_logs_four_nested_runs_under_one_parent(ray_cluster, tm
 
     from toco.distributed.sweep import load_sweep, run_sweep
 
+    with pytest.raises(ConfigError, match=r"grace_period=5 must lie in 1..train.max_iters \(4\)"):
+        load_sweep(_write_spec(tmp_path, grace_period=5))
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     summary = run_sweep(spec, out_dir=tmp_path / "sweep")
     assert summary["trials_run"] == 4 and 0 <= summary["best_value"] <= 1

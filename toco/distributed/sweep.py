@@ -118,6 +118,9 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
                               "widen the range or set evaluate_default: false")
     if cfg.train.eval_every > cfg.train.max_iters:
         raise ConfigError(f"sweep {path}: train.eval_every={cfg.train.eval_every} > train.max_iters")
+    if not 1 <= spec.grace_period <= cfg.train.max_iters:  # ASHA would assert deep inside Ray otherwise
+        raise ConfigError(f"sweep {path}: grace_period={spec.grace_period} must lie in 1..train.max_iters "
+                          f"({cfg.train.max_iters})")
     return spec
 
 

@@ -7,7 +7,7 @@ STAMP := .venv/.installed            # + tests, benchmarks, Ray and Optuna
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
 .PHONY: help demo test test-fast gpu-check ui ablation pretext venv synth clean bench bench-check \
-	bench-check-baseline bench-baseline bench-seed-spread sweep submit
+	bench-check-baseline bench-baseline bench-seed-spread bench-mutants sweep submit
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -40,7 +40,7 @@ test-fast: $(STAMP)  ## the test suite without the slow Ray, sweep and compile t
 SEEDS ?= 0 1 2 3 4
 JOBS ?= 2
 ablation: $(STAMP)  ## baseline, +PTC, +PTC+CTC from SEEDS: mean ± std per row, a paired t-test against the row above
-	$(TOCO) ablation experiments/ablation/baseline.yaml experiments/ablation/ptc.yaml experiments/ablation/toco.yaml \
+	$(TOCO) ablation $(sort $(wildcard experiments/ablation/*.yaml)) \
 		--seeds $(SEEDS) --jobs $(JOBS)
 
 # the synthetic default's backbone (experiments/pretext/synthetic.yaml): trains the pretext stage, then writes the
@@ -65,15 +65,14 @@ BENCH_TOL ?= $(if $(filter cpu-%,$(MACHINE)),50,15)
 BENCH := $(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider -q
 # bench-check: REF (origin/main when there is one), rounds per case, torch threads per worker, the timer the
 # verdict reads (cpu | wall), the smallest slowdown that fails (FLOOR, a fraction), CASES (comma-separated
-# subset), ACCURACY=1 to train both revisions from ACCURACY_SEEDS too, REF_PYTHON for a ref whose dependencies
-# differ from this tree's
+# subset), ACCURACY=1 for the accuracy gate too (the head trained from seeds 0 and 1, then 2 and 3 if that is
+# inconclusive, against the ref's stored seeds), REF_PYTHON for a ref whose dependencies differ from this tree's
 REF ?= $(if $(shell git rev-parse -q --verify origin/main 2>/dev/null),origin/main,main)
 ROUNDS ?= 15
 THREADS ?= 1
 TIMER ?= cpu
 FLOOR ?= 0.2
 ACCURACY ?= 0
-ACCURACY_SEEDS ?= 0
 SPREAD_SEEDS ?= 5
 
 bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, log every result to MLflow
@@ -82,7 +81,7 @@ bench: $(STAMP)  ## measure speed and accuracy, save JSON under .benchmarks/, lo
 bench-check: $(STAMP)  ## A/B against REF, interleaved on this machine: fail on a slowdown beyond the measured noise
 	$(PY) benchmarks/check.py --ref $(REF) --rounds $(ROUNDS) --threads $(THREADS) --timer $(TIMER) --floor $(FLOOR) \
 		$(if $(CASES),--cases $(CASES)) $(if $(REF_PYTHON),--ref-python $(REF_PYTHON)) \
-		$(if $(filter 1,$(ACCURACY)),--accuracy --seeds $(ACCURACY_SEEDS))
+		$(if $(filter 1,$(ACCURACY)),--accuracy)
 
 bench-check-baseline: $(STAMP)  ## fail on a slowdown beyond BENCH_TOL% against this machine class's stored speed, or an mIoU drop
 	@test -f $(BASELINE)/speed.json || { echo "no baseline for machine class $(MACHINE): make bench-baseline"; exit 1; }
@@ -94,7 +93,12 @@ bench-baseline: $(STAMP)  ## re-measure this machine class's speed and the store
 	TOCO_BENCH_WRITE_BASELINE=1 $(BENCH) --benchmark-timer=$(BENCH_TIMER) --benchmark-json=$(BASELINE)/speed.json
 
 bench-seed-spread: $(STAMP)  ## train the accuracy recipe from SPREAD_SEEDS seeds on 1 and 2 threads: the per-seed mIoU and noise both gates read
-	$(PY) benchmarks/seed_spread.py $(SPREAD_SEEDS)
+	$(PY) benchmarks/seed_spread.py $(SPREAD_SEEDS) --reuse runs/ablation
+
+# the mutation matrix: MUTANTS (default: every one of benchmarks/mutants/mutants.yaml) and the unmutated tree, each
+# from SEEDS, JOBS at a time; resumes from runs/mutants
+bench-mutants: $(STAMP)  ## break each part of ToCo on purpose: its effect on seg, CAM and pseudo labels, and whether the gate sees it
+	$(PY) benchmarks/mutants.py $(MUTANTS) --seeds $(SEEDS) --jobs $(JOBS) --reuse runs/ablation
 
 sweep: $(STAMP)  ## Ray Tune + Optuna + ASHA over loss weights and thresholds (ARGS=--resume / --restart)
 	$(TOCO) sweep experiments/sweeps/synthetic.yaml $(ARGS)

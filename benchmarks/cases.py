@@ -9,6 +9,7 @@ returns the function that one round times. Everything runs on the CPU.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -150,16 +151,80 @@ CASES = {f.__name__: f for f in (train_step, inference_ss, inference_ms_flip, bi
 
 # ----------------------------------------------------------------------------------------------------
 # accuracy
-def train_accuracy_recipe(seed: int, out_dir: str, threads: int) -> dict[str, float]:
-    """Train support.ACCURACY (the synthetic experiment) from `seed` on `threads` torch
-    threads (one wastes least on a busy machine); the final validation's segmentation and CAM mIoU."""
+# the metrics of the accuracy recipe's final validation the gates read: segmentation, CAM and pseudo-label mIoU
+ACCURACY_METRICS = {"miou": "val/miou_seg", "miou_cam": "val/miou_cam", "miou_pseudo": "val/miou_cam_par"}
+
+
+def accuracy_config(seed: int, out_dir: str, threads: int, overrides: list[str] = ()):
+    """The config train_accuracy_recipe trains: support.ACCURACY from `seed` on the CPU, with a mutant's
+    `overrides`."""
     from support import ACCURACY
 
-    Trainer = entry("Trainer", "toco.engine.loop")
-    cfg = synthetic_config([*ACCURACY, f"train.seed={seed}", f"output_dir={out_dir}", "train.device=cpu"])
+    cfg = synthetic_config([*ACCURACY, *overrides, f"train.seed={seed}", f"output_dir={out_dir}", "train.device=cpu"])
     cfg.train.threads = threads
-    metrics = Trainer(cfg).fit().metrics
-    try:
-        return {"miou": metrics["val/miou_seg"], "miou_cam": metrics["val/miou_cam"]}
-    except KeyError as err:
-        raise MissingEntryPoint(f"the training's validation reports no {err}") from None
+    return cfg
+
+
+def recipe_metrics(metrics: dict[str, float], out_dir: str | Path, max_iters: int) -> dict:
+    """ACCURACY_METRICS of a training's final validation, and its per-class segmentation IoU where the revision
+    writes it (which classes carry the spread)."""
+    found = {key: metrics[name] for key, name in ACCURACY_METRICS.items() if name in metrics}
+    if "miou" not in found:
+        raise MissingEntryPoint("the training's validation reports no val/miou_seg")
+    final = Path(out_dir) / "eval" / f"iter_{max_iters:06d}" / "summary.json"
+    if final.is_file():
+        found["iou_seg"] = json.loads(final.read_text()).get("per_class_iou", {}).get("seg")
+    return found
+
+
+def train_accuracy_recipe(seed: int, out_dir: str, threads: int, overrides: list[str] = ()) -> dict[str, float]:
+    """Train support.ACCURACY (the synthetic experiment) from `seed` on `threads` torch threads (one wastes least
+    on a busy machine), with `overrides` (a mutant's); the final validation's mIoUs that the revision reports, of
+    ACCURACY_METRICS."""
+    Trainer = entry("Trainer", "toco.engine.loop")
+    cfg = accuracy_config(seed, out_dir, threads, overrides)
+    return recipe_metrics(Trainer(cfg).fit().metrics, out_dir, cfg.train.max_iters)
+
+
+# what a finished training's folder may differ in and still hold the accuracy recipe's weights: where it was
+# written and how it was tracked change no number (checked bit for bit against a tracked `toco train`)
+UNWEIGHED_KEYS = ("output_dir", "description", "tracking")
+
+
+def finished_training(folder: Path, seed: int, threads: int, overrides: list[str] = ()) -> dict | None:
+    """The metrics train_accuracy_recipe(seed, ..., threads, overrides) would return, read from a finished `toco
+    train` or `toco ablation` in `folder` (its config.yaml and summary.json) that trained exactly that config on
+    the CPU; None when the folder holds anything else. The same config, seed and thread count give the same
+    weights to the last bit, so the ablation's rows (one thread each under `--jobs 2` on 2 cores) spare the
+    seed spread and the mutation matrix those trainings."""
+    import tempfile
+
+    import yaml
+
+    save_config = entry("save_config", "toco.config")
+    saved, summary = folder / "config.yaml", folder / "summary.json"
+    if not (saved.is_file() and summary.is_file()):
+        return None
+    done = json.loads(summary.read_text())
+    cfg = accuracy_config(seed, str(folder), threads, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        ours = yaml.safe_load((Path(tmp) / "config.yaml").read_text())
+    theirs = yaml.safe_load(saved.read_text())
+    if theirs.get("train", {}).get("device") == "auto" and not torch.cuda.is_available():
+        theirs["train"]["device"] = "cpu"  # trained on this CPU-only machine
+    for config in (ours, theirs):
+        for key in UNWEIGHED_KEYS:
+            config.pop(key, None)
+    if ours != theirs or done.get("iterations") != cfg.train.max_iters:
+        return None
+    return dict(recipe_metrics(done, folder, cfg.train.max_iters), train_s=done.get("wall_s"), reused=str(folder))
+
+
+def reusable_training(roots: list[Path], seed: int, threads: int, overrides: list[str] = ()) -> dict | None:
+    """finished_training of the first `seed_<seed>` folder under `roots` (e.g. runs/ablation) that holds it."""
+    for root in roots:
+        for folder in sorted(Path(root).glob(f"**/seed_{seed}")):
+            if found := finished_training(folder, seed, threads, overrides):
+                return found
+    return None

@@ -200,41 +200,76 @@ def verdict_of(case: str, results: dict, timer: str, floor: float = compare.FLOO
     return row
 
 
-def accuracy(workers: dict[str, Worker], seeds: list[int], out: Path) -> tuple[dict, list]:
-    """Train the accuracy recipe from each seed on the reference (A) and the head (B) side by side; judge each
-    metric of the seed spread file, paired by seed, against its paired_std (a revision missing a seed's result is n/a)."""
-    spread = json.loads(SEED_SPREAD.read_text())
-    found = {"ref": {}, "head": {}}
-    sides = (("A", "ref"), ("B", "head"))
-    for seed in seeds:
-        print(f"accuracy: training seed {seed} on the ref and the head", file=sys.stderr, flush=True)
-        sent = {}
-        for label, side in sides:
+def stored_reference(base: str) -> dict | None:
+    """The seed spread file as committed at `base`, when it measured `base`'s recipe (support.recipe_digest): its
+    one-thread runs stand for the reference's trainings. None: the reference must be trained."""
+    from support import recipe_digest
+
+    try:
+        stored = json.loads(git("show", f"{base}:{SEED_SPREAD.relative_to(ROOT)}"))
+    except (CheckError, json.JSONDecodeError):
+        return None
+    if stored.get("recipe_digest") != recipe_digest(base, ROOT):
+        return None
+    return {run["seed"]: {k: run[k] for k in compare.GATED if k in run} for run in stored["runs"]}
+
+
+def train_side_by_side(jobs: list[tuple[str, int]], workers: dict[str, list[Worker]], out: Path) -> dict:
+    """Train (side, seed) jobs, each side's on its own workers, as many at once as there are workers in all;
+    {(side, seed): metrics or {"error": ...}}."""
+    results, queue = {}, list(jobs)
+    while queue:
+        busy, batch = {side: 0 for side in workers}, []
+        for side, seed in list(queue):
+            if busy[side] < len(workers[side]):
+                batch.append((side, seed, workers[side][busy[side]]))
+                busy[side] += 1
+                queue.remove((side, seed))
+        for side, seed, worker in batch:
+            print(f"accuracy: training seed {seed} on the {side}", file=sys.stderr, flush=True)
             try:
-                workers[label].send(op="train", seed=seed, out=str(out / f"{label}-{seed}"))
-                sent[label] = True
+                worker.send(op="train", seed=seed, out=str(out / f"{side}-{seed}"))
             except WorkerGone as err:
-                sent[label] = {"error": str(err)}
-        for label, side in sides:
+                results[side, seed] = {"error": str(err)}
+        for side, seed, worker in batch:
+            if (side, seed) in results:
+                continue
             try:
-                reply = workers[label]._receive(TRAIN_TIMEOUT_S) if sent[label] is True else sent[label]
+                reply = worker._receive(TRAIN_TIMEOUT_S)
             except WorkerGone as err:
                 reply = {"error": str(err)}
+            results[side, seed] = reply.get("metrics", reply)
             if "error" in reply:
                 print(f"accuracy: n/a on the {side}: {reply['error']}", file=sys.stderr)
-            for metric, value in reply.get("metrics", {}).items():
-                found[side].setdefault(metric, []).append(value)
-
-    def complete(side: str, metric: str) -> list[float] | None:
-        values = found[side].get(metric, [])
-        return values if len(values) == len(seeds) else None
-
-    rows = [compare.judge_accuracy(metric, complete("ref", metric), complete("head", metric), std)
-            for metric, std in spread["paired_std"].items()]
-    return found, rows
+    return results
 
 
-def log_to_mlflow(tags: dict, params: dict, metrics: dict, artifacts: list[Path]) -> None:
+def accuracy(workers: dict[str, list[Worker]], base: str, out: Path) -> tuple[dict, dict, bool]:
+    """The tiered accuracy gate (compare.TIERS): the head trains the first tier's seeds side by side, the second
+    tier's only when the first is inconclusive; the reference's mIoUs come from its stored seed spread when that
+    measured its recipe, else it trains them beside the head. Returns (every training's metrics, the verdict,
+    whether the reference was trained)."""
+    spread = json.loads(SEED_SPREAD.read_text())
+    stored = stored_reference(base)
+    sides = {"head": workers["head"]} if stored else {"ref": workers["ref"][:1], "head": workers["head"][:1]}
+    print(f"accuracy: the reference's mIoUs {'from' if stored else 'trained here: not from'} its stored seed spread "
+          f"({SEED_SPREAD.name} at {base[:8]}{'' if stored else ', which measured other recipe files'})",
+          file=sys.stderr)
+    found: dict[tuple[str, int], dict] = {}
+    for tier in compare.TIERS:
+        found.update(train_side_by_side([(side, seed) for seed in tier for side in sides], sides, out))
+        seeds = [s for t in compare.TIERS[:compare.TIERS.index(tier) + 1] for s in t]
+        ref = {m: [(stored or {}).get(s, {}).get(m) if stored else found[("ref", s)].get(m) for s in seeds]
+               for m in compare.GATED}
+        head = {m: [found[("head", s)].get(m) for s in seeds] for m in compare.GATED}
+        verdict = compare.gate_verdict(ref, head, spread["paired_std"])
+        if not verdict["more"]:
+            break
+        print("accuracy: inconclusive on two seeds, training the next tier", file=sys.stderr, flush=True)
+    return {f"{side}-{seed}": metrics for (side, seed), metrics in found.items()}, verdict, stored is None
+
+
+def log_to_mlflow(tags: dict, params: dict, metrics: dict, artifacts: list[Path], name: str | None = None) -> None:
     if os.environ.get("TOCO_BENCH_MLFLOW", "1") == "0":
         return
     uri = os.environ.get("TOCO_BENCH_TRACKING_URI", f"sqlite:///{ROOT}/mlruns/mlflow.db")
@@ -243,7 +278,7 @@ def log_to_mlflow(tags: dict, params: dict, metrics: dict, artifacts: list[Path]
         sys.path.insert(0, str(ROOT))
         from toco.tracking import log_run
 
-        name = f"bench-check {tags['ref_commit'][:8]}..{tags['head_commit'][:8]}"
+        name = name or f"bench-check {tags['ref_commit'][:8]}..{tags['head_commit'][:8]}"
         log_run(uri, store, "benchmarks", name, params, metrics, tags, [str(a) for a in artifacts])
         print(f"logged to MLflow experiment 'benchmarks' at {uri} ({name})")
     except Exception as err:  # the table and the JSON are still on disk
@@ -261,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", type=float, default=compare.FLOOR, help="smallest slowdown that fails (0.2: 20 %%)")
     parser.add_argument("--ref-python", help="the reference's interpreter, when its dependencies differ from this "
                                              "tree's (default: this one)")
-    parser.add_argument("--accuracy", action="store_true", help="also train both revisions and compare mIoU")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds for --accuracy")
+    parser.add_argument("--accuracy", action="store_true", help="also judge the head's mIoU against the reference's "
+                        "(the tiered gate: compare.TIERS)")
     args = parser.parse_args(argv)
     try:
         return check(args)
@@ -291,7 +326,6 @@ def check(args) -> int:
     try:
         slowdown = os.environ.get("TOCO_BENCH_SLOWDOWN", "")
         compare.parse_slowdown(slowdown, CASES)
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         raise CheckError(str(err).splitlines()[0]) from None
     if args.accuracy and not SEED_SPREAD.is_file():
@@ -317,8 +351,10 @@ def check(args) -> int:
     print(f"bench-check: {args.ref} ({base[:8]}) against this tree ({head_label}), {len(cases)} cases x "
           f"{args.rounds} rounds, {args.timer} time, {args.threads} threads; logs in {out}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    results, rows, trained, accuracy_rows = run_workers(args, base, cases, slowdown, seeds, out)
+    results, rows, trained, gate = run_workers(args, base, cases, slowdown, out)
     elapsed = time.perf_counter() - started
+    accuracy_rows = gate["rows"] if gate else []
+    seeds = [s for tier in compare.tiers_used(gate) for s in tier] if gate else []
 
     report = "\n\n".join(([compare.table(rows)] if rows else [])
                            + ([compare.accuracy_table(accuracy_rows, seeds)] if accuracy_rows else []))
@@ -345,14 +381,16 @@ def check(args) -> int:
                             verdict="failed" if failed else "passed", failed=",".join(failed)),
                   params=dict(rounds=args.rounds, timer=args.timer, threads=args.threads, cases=",".join(cases),
                               slowdown=slowdown or "none", z=compare.Z, floor=args.floor,
-                              accuracy_seeds=",".join(map(str, seeds)) if args.accuracy else "none"),
+                              accuracy_seeds=",".join(map(str, seeds)) if args.accuracy else "none",
+                              accuracy_reference=("trained" if gate["ref_trained"] else "stored") if gate else "none"),
                   metrics=dict(metrics, seconds=elapsed), artifacts=[out / "table.md", out / "results.json"])
     return 1 if failed else 0
 
 
-def run_workers(args, base: str, cases: list[str], slowdown: str, seeds: list[int], out: Path):
-    """Workers A and A' on a worktree of `base`, B on this tree; every case measured, then the accuracy
-    trainings when asked for. Returns the raw times, the rows, the accuracy results and rows."""
+def run_workers(args, base: str, cases: list[str], slowdown: str, out: Path):
+    """Workers A and A' on a worktree of `base`, B on this tree; every case measured, then the accuracy gate when
+    asked for (with a second worker on this tree, B2). Returns the raw times, the rows, the accuracy trainings and
+    the gate's verdict (None without --accuracy)."""
     threads = {"TOCO_BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     # the reference's kernel builds are kept between checks, one folder per version of its kernel sources: a
     # build from other sources is never reused (its objects could be newer than the backdated checkout)
@@ -366,21 +404,28 @@ def run_workers(args, base: str, cases: list[str], slowdown: str, seeds: list[in
         workers = {"A": Worker("A", ref_tree, ref_python, ref_env, out / "A.log"),
                    "A'": Worker("A'", ref_tree, ref_python, ref_env, out / "A2.log"),
                    "B": Worker("B", ROOT, sys.executable, dict(threads, TOCO_BENCH_SLOWDOWN=slowdown), out / "B.log")}
+        if args.accuracy:
+            workers["B2"] = Worker("B2", ROOT, sys.executable, threads, out / "B2.log")
         try:
             for worker in workers.values():
                 worker.start()
             rng, results, rows = random.Random(0), {}, []
+            timed = {label: workers[label] for label in ("A", "A'", "B")}
             for case in cases:
-                results[case] = measure(case, workers, args.rounds, rng)
+                results[case] = measure(case, timed, args.rounds, rng)
                 rows.append(verdict_of(case, results[case], args.timer, args.floor))
                 r = rows[-1]
                 print(f"  {case}: {r.verdict}" + (f" (ratio {r.ratio:.3f}, tolerance {r.noise.tolerance:.3f})"
                                                   if r.noise else f" ({r.note})"), file=sys.stderr, flush=True)
-            trained, accuracy_rows = accuracy(workers, seeds, out) if args.accuracy else ({}, [])
+            trained, gate = {}, None
+            if args.accuracy:
+                trained, gate, ref_trained = accuracy(dict(ref=[workers["A"], workers["A'"]],
+                                                           head=[workers["B"], workers["B2"]]), base, out)
+                gate["ref_trained"] = ref_trained
         finally:
             for worker in workers.values():
                 worker.stop()
-    return results, rows, trained, accuracy_rows
+    return results, rows, trained, gate
 
 if __name__ == "__main__":
     sys.exit(main())

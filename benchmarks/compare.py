@@ -125,48 +125,118 @@ def parse_slowdown(spec: str, cases) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# accuracy
-ACCURACY_Z = 1.645  # standard errors of the difference a drop must exceed: 5 % false alarms (one-sided, A/A)
-ACCURACY_DROP = 0.03  # the regression the gate is sized for: its power to catch one is reported
+# accuracy: the tiered gate
+#
+# Paired by seed: ref[i] and head[i] come from the same training seed, so what the seed decides (initialisation,
+# data order, augmentations) cancels in head[i] - ref[i]; what is left, when the code did not change the result,
+# is how far one seed's training moves when its float rounding changes (another CPU, almost any change of the
+# code): the metric's paired_std (benchmarks/seed_spread.py). The mean of n differences has standard error
+# se = paired_std / sqrt(n).
+#
+# Each metric is tested one-sided at ALPHA, so that an unchanged tree fails on any of the three at most 5 % of the
+# time (Bonferroni). A metric whose two seeds already catch a drop of ACCURACY_DROP with power >= POWER is judged
+# on the first tier alone (fail below -Z_ONE se). Otherwise two stages: the first tier fails below -Z_FAIL se and
+# passes above -Z_PASS se; in between it is inconclusive and the second tier's seeds are trained, after which the
+# metric fails below -Z_FINAL se of all four. Z_FINAL makes the two-stage false-alarm rate ALPHA as well
+# (`gate_characteristics` computes both rates).
+GATED = {"miou": "segmentation", "miou_cam": "CAM", "miou_pseudo": "pseudo labels"}   # key -> what it measures
+TIERS = ((0, 1), (2, 3))      # the seeds the gate trains, the second pair only when the first is inconclusive
+ALPHA = 0.05 / len(GATED)     # false alarms per metric
+ACCURACY_DROP = 0.03          # the regression the gate is sized for
+POWER = 0.95                  # ... and how surely it must catch it
+Z_ONE = 2.128                 # = NormalDist().inv_cdf(1 - ALPHA)
+Z_FAIL, Z_PASS, Z_FINAL = 2.5, 1.0, 2.165
 
 
 @dataclass
 class AccuracyRow:
     metric: str
-    ref: float | None
+    ref: float | None          # mean over the seeds judged
     head: float | None
-    tolerance: float
-    verdict: str
-    power: float = math.nan   # the chance this comparison catches a drop of ACCURACY_DROP
+    tolerance: float           # the drop beyond which it fails now
+    verdict: str               # ok | LOWER | more seeds | n/a
+    power: float = math.nan    # the chance the gate catches a drop of ACCURACY_DROP of this metric
+    seeds: int = 0
 
     @property
     def failed(self) -> bool:
         return self.verdict == "LOWER"
 
 
-def gate_power(paired_std: float, seeds: int, drop: float = ACCURACY_DROP, z: float = ACCURACY_Z) -> float:
-    """The chance that a head whose mIoU is `drop` lower fails: the mean of `seeds` per-seed differences has
-    standard error paired_std / sqrt(seeds), and fails beyond z of them."""
-    se = paired_std / math.sqrt(seeds)
-    return statistics.NormalDist().cdf(drop / se - z) if se > 0 else 1.0
+def _stages(two_stage: bool) -> list[tuple[int, float, float]]:
+    """(seeds, fail below -z se, pass above -z se) per tier."""
+    first = len(TIERS[0])
+    if not two_stage:
+        return [(first, Z_ONE, Z_ONE)]
+    return [(first, Z_FAIL, Z_PASS), (first + len(TIERS[1]), Z_FINAL, Z_FINAL)]
 
 
-def judge_accuracy(metric: str, ref: list[float] | None, head: list[float] | None, paired_std: float,
-                   z: float = ACCURACY_Z) -> AccuracyRow:
-    """Paired by seed: ref[i] and head[i] come from the same training seed. The head fails when the mean of
-    head[i] - ref[i] falls below -z standard errors, paired_std / sqrt(seeds), where paired_std is how far two
-    trainings of one seed land apart when only their float rounding differs (benchmarks/seed_spread.py): what the
-    seed itself decides (initialisation, data order, augmentations) cancels in the difference."""
-    if not (ref and head) or len(ref) != len(head):
-        return AccuracyRow(metric, ref and statistics.mean(ref), head and statistics.mean(head), math.nan, "n/a")
-    tolerance = z * paired_std / math.sqrt(len(head))
-    drop = statistics.mean(h - r for r, h in zip(ref, head))
-    return AccuracyRow(metric, statistics.mean(ref), statistics.mean(head), tolerance,
-                       "LOWER" if drop < -tolerance else "ok", gate_power(paired_std, len(head)))
+def needs_two_stages(paired_std: float) -> bool:
+    n = len(TIERS[0])
+    return paired_std > 0 and statistics.NormalDist().cdf(ACCURACY_DROP / (paired_std / math.sqrt(n)) - Z_ONE) < POWER
+
+
+def gate_characteristics(paired_std: float, drop: float = ACCURACY_DROP) -> dict[str, float]:
+    """The gate on one metric: the chance it fails a head whose true mean difference is -drop (drop = 0: the false
+    alarm rate), and the chance it trains the second tier; a bivariate normal over the two stages' means."""
+    from scipy.stats import multivariate_normal
+
+    stages = _stages(needs_two_stages(paired_std))
+    if paired_std <= 0:
+        return dict(fail=float(drop > 0), second_tier=0.0)
+    means = [-drop / (paired_std / math.sqrt(n)) for n, _, _ in stages]  # of the standardised mean differences
+    normal = statistics.NormalDist()
+    (_, z_fail, z_pass), *rest = stages
+    fail = normal.cdf(-z_fail - means[0])
+    more = normal.cdf(-z_pass - means[0]) - fail
+    if rest:
+        (n2, z_final, _), n1 = rest[0], stages[0][0]
+        both = multivariate_normal(mean=means, cov=[[1, math.sqrt(n1 / n2)], [math.sqrt(n1 / n2), 1]])
+        fail += both.cdf([-z_pass, -z_final]) - both.cdf([-z_fail, -z_final])
+    return dict(fail=float(fail), second_tier=float(more))
+
+
+def judge_metric(metric: str, ref: list[float], head: list[float], paired_std: float) -> AccuracyRow:
+    """The verdict on one metric from the seeds trained so far (ref[i], head[i] from the i-th seed of TIERS)."""
+    power = gate_characteristics(paired_std)["fail"]
+    if not (ref and head) or len(ref) != len(head) or None in ref + head:
+        return AccuracyRow(metric, None, None, math.nan, "n/a", power)
+    for n, z_fail, z_pass in _stages(needs_two_stages(paired_std)):
+        if len(head) < n:
+            return AccuracyRow(metric, statistics.mean(ref), statistics.mean(head), math.nan, "more seeds", power,
+                               len(head))
+        se = paired_std / math.sqrt(n)
+        drop = statistics.mean(h - r for r, h in zip(ref[:n], head[:n]))
+        row = AccuracyRow(metric, statistics.mean(ref[:n]), statistics.mean(head[:n]), z_fail * se, "ok", power, n)
+        if drop < -z_fail * se:
+            row.verdict = "LOWER"
+            return row
+        if drop >= -z_pass * se:
+            return row
+    return row
+
+
+def gate_verdict(ref: dict[str, list[float]], head: dict[str, list[float]], paired_std: dict[str, float]) -> dict:
+    """Every gated metric judged; `more` when one needs the next tier's seeds (and none failed yet)."""
+    rows = [judge_metric(m, ref.get(m) or [], head.get(m) or [], paired_std[m]) for m in GATED if m in paired_std]
+    failed = [r.metric for r in rows if r.failed]
+    more = not failed and any(r.verdict == "more seeds" for r in rows)
+    return dict(rows=rows, failed=failed, more=more, seeds=max((r.seeds for r in rows), default=0))
+
+
+def tiers_used(verdict: dict) -> list[tuple[int, ...]]:
+    """The tiers of seeds a verdict rests on."""
+    used, count = [], 0
+    for tier in TIERS:
+        if count >= max(verdict["seeds"], len(TIERS[0])):
+            break
+        used.append(tier)
+        count += len(tier)
+    return used
 
 
 def accuracy_table(rows: list[AccuracyRow], seeds: list[int]) -> str:
-    lines = [f"| mIoU (mean of seeds {', '.join(map(str, seeds))}) | ref | head | head - ref | tolerance | "
+    lines = [f"| mIoU (mean of seeds {', '.join(map(str, seeds))}) | ref | head | head - ref | fails below | "
              f"power at -{ACCURACY_DROP} | verdict |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         cells = [f"{v:.4f}" if v is not None else "n/a" for v in (r.ref, r.head)]
@@ -174,5 +244,6 @@ def accuracy_table(rows: list[AccuracyRow], seeds: list[int]) -> str:
         verdict = f"**{r.verdict}**" if r.failed else r.verdict
         tolerance = f"-{r.tolerance:.4f}" if math.isfinite(r.tolerance) else ""
         power = f"{100 * r.power:.0f} %" if math.isfinite(r.power) else ""
-        lines.append(f"| {r.metric} | {cells[0]} | {cells[1]} | {diff} | {tolerance} | {power} | {verdict} |")
+        lines.append(f"| {GATED.get(r.metric, r.metric)} | {cells[0]} | {cells[1]} | {diff} | {tolerance} | {power} | "
+                     f"{verdict} |")
     return "\n".join(lines)

@@ -21,32 +21,44 @@ import pytest
 import torch
 
 from machine import machine_class
-from support import GATE_SEEDS, ROOT, bench_config, format_stages
+from support import ROOT, bench_config, format_stages
 
 
 @dataclass
 class TrainedCheckpoints:
     cfg: object
-    paths: list[Path]                # one checkpoint per seed
-    metrics: list[dict[str, float]]  # each seed's final validation (miou, miou_cam)
-    train_seconds: float             # wall time of all of them, side by side
+    paths: list[Path]                # one checkpoint per seed, in the order of `seeds`
+    metrics: list[dict[str, float]]  # each seed's final validation (support: cases.ACCURACY_METRICS)
+    train_seconds: float             # wall time of all of them, each tier's seeds side by side
+    seeds: list[int]
+    folder: Path
+
+    def train(self, seeds) -> None:
+        """Train the accuracy recipe from `seeds` on the CPU, side by side on one torch thread each: the same
+        weights on every run of the same machine."""
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        from cases import train_accuracy_recipe
+
+        folders = [str(self.folder / f"seed_{seed}") for seed in seeds]
+        start = time.perf_counter()
+        with ProcessPoolExecutor(len(seeds), mp_context=get_context("spawn")) as pool:
+            self.metrics += list(pool.map(train_accuracy_recipe, seeds, folders, [1] * len(seeds)))
+        self.train_seconds += time.perf_counter() - start
+        self.paths += [Path(f) / "last.pt" for f in folders]
+        self.seeds += list(seeds)
 
 
 @pytest.fixture(scope="session")
 def trained_checkpoints(tmp_path_factory) -> TrainedCheckpoints:
-    """The accuracy recipe trained from seeds 0..GATE_SEEDS-1 on the CPU, side by side on one torch thread each:
-    the same weights on every run of the same machine."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    """The accuracy recipe trained from the first tier of the gate's seeds (compare.TIERS); the gate trains the
+    next tier itself when the first is inconclusive."""
+    from compare import TIERS
 
-    from cases import train_accuracy_recipe
-
-    cfg = bench_config("accuracy")
-    folders = [str(tmp_path_factory.mktemp(f"accuracy_seed_{seed}")) for seed in range(GATE_SEEDS)]
-    start = time.perf_counter()
-    with ProcessPoolExecutor(GATE_SEEDS, mp_context=get_context("spawn")) as pool:
-        metrics = list(pool.map(train_accuracy_recipe, range(GATE_SEEDS), folders, [1] * GATE_SEEDS))
-    return TrainedCheckpoints(cfg, [Path(f) / "last.pt" for f in folders], metrics, time.perf_counter() - start)
+    trained = TrainedCheckpoints(bench_config("accuracy"), [], [], 0.0, [], tmp_path_factory.mktemp("accuracy"))
+    trained.train(TIERS[0])
+    return trained
 
 
 # ----------------------------------------------------------------------------------------------------

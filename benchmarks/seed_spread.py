@@ -1,66 +1,110 @@
-"""The two noises of the accuracy recipe (support.ACCURACY), which both accuracy gates read: trains it from seeds
+"""The two noises of the accuracy recipe (support.ACCURACY), which the accuracy gates read: trains it from seeds
 0..N-1 on this tree on one torch thread (`--jobs` at a time), then each seed again on two threads, and writes
 benchmarks/baselines/accuracy_seed_spread.json:
-- per seed, the mIoUs of both trainings; their mean and sample standard deviation over seeds (one thread);
+- per seed, the gated mIoUs (segmentation, CAM, pseudo labels) and the per-class segmentation IoU of both
+  trainings; their mean and sample standard deviation over seeds (one thread), per metric and per class;
 - paired_std, the root mean square of (two threads - one thread) over seeds: how far two trainings of one seed
   land apart when only the order of float reductions differs, as it does after any change of the code or on
   another CPU. The gates compare a revision with the stored or the reference mIoU of the same seeds, so this,
-  not the spread over seeds, is their noise (docs/benchmarks.md, "Accuracy gate").
+  not the spread over seeds, is their noise (docs/benchmarks.md, "Accuracy gate");
+- the gate run A against A: every pair of seeds judged as the gate's first tier would judge a head that only
+  rounds otherwise (two threads against the stored one thread): its false alarms, measured;
+- recipe_digest (support.recipe_digest): the files it measured, so bench-check knows when the stored seeds stand
+  for a reference revision.
+`--reuse runs/ablation` takes each one-thread training from a finished training of the same config there instead
+(`make ablation` trains the default's row from the same seeds on one thread each: the same weights).
 A property of the recipe: re-measure it when the recipe or the synthetic experiment changes
 (`make bench-seed-spread SPREAD_SEEDS=N`).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from support import ACCURACY, BASELINES, ROOT
+import compare
+from machine import machine_class
+from support import ACCURACY, BASELINES, ROOT, recipe_digest
 
 sys.path.insert(0, str(ROOT))  # this tree's toco, whichever tree the venv was installed from
 
 SPREAD_FILE = BASELINES / "accuracy_seed_spread.json"
 
 
-def train_seed(seed: int, threads: int) -> dict:
-    from cases import train_accuracy_recipe
+def train_seed(seed: int, threads: int, reuse: tuple[Path, ...] = ()) -> dict:
+    from cases import reusable_training, train_accuracy_recipe
 
+    if found := reusable_training(list(reuse), seed, threads):
+        print(f"seed {seed} on {threads} thread(s): reusing {found.pop('reused')}", flush=True)
+        return dict(seed=seed, **{k: round(v, 4) if isinstance(v, float) else v for k, v in found.items()})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         metrics = train_accuracy_recipe(seed, out, threads=threads)
-    return dict(seed=seed, **{k: round(v, 4) for k, v in metrics.items()}, train_s=round(time.perf_counter() - start))
+    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    return dict(seed=seed, **rounded, train_s=round(time.perf_counter() - start))
+
+
+def a_against_a(runs: list[dict], paired_std: dict[str, float]) -> dict:
+    """The first tier of the gate on every pair of seeds, the two-thread trainings as the head: how often an
+    unchanged recipe fails it."""
+    pairs = list(itertools.combinations(runs, len(compare.TIERS[0])))
+    failed = []
+    for pair in pairs:
+        ref = {m: [r[m] for r in pair] for m in compare.GATED}
+        head = {m: [r[f"{m}_2threads"] for r in pair] for m in compare.GATED}
+        verdict = compare.gate_verdict(ref, head, paired_std)
+        if verdict["failed"]:
+            failed.append(dict(seeds=[r["seed"] for r in pair], metrics=verdict["failed"]))
+    return dict(pairs=len(pairs), failed=failed)
+
+
+def summarise(runs: list[dict], again: list[dict]) -> dict:
+    for run, other in zip(runs, again):
+        run.update({f"{k}_2threads": other[k] for k in compare.GATED})
+    classes = list(runs[0].get("iou_seg") or {})
+    record = dict(recipe=ACCURACY, recipe_digest=recipe_digest(), machine=machine_class(), threads=1, seeds=len(runs),
+                  mean={k: round(statistics.fmean(r[k] for r in runs), 4) for k in compare.GATED},
+                  std={k: round(statistics.stdev(r[k] for r in runs), 4) for k in compare.GATED},
+                  paired_std={k: round(math.sqrt(statistics.fmean((r[f"{k}_2threads"] - r[k]) ** 2 for r in runs)), 4)
+                              for k in compare.GATED},
+                  class_std={c: round(statistics.stdev(r["iou_seg"][c] for r in runs), 4) for c in classes},
+                  runs=runs)
+    record["a_against_a"] = a_against_a(runs, record["paired_std"])
+    return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("seeds", type=int, help="how many seeds to train (at least 3)")
     parser.add_argument("--jobs", type=int, default=2, help="one-thread trainings at a time")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="folders of finished trainings (e.g. runs/ablation) whose one-thread runs of the recipe "
+                             "stand in for training them again")
     args = parser.parse_args()
     if args.seeds < 3:
         sys.exit(f"seed spread: train at least 3 seeds for a standard deviation worth the name, got {args.seeds}")
     seeds = range(args.seeds)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        runs = list(pool.map(train_seed, seeds, [1] * args.seeds))
+        runs = list(pool.map(train_seed, seeds, [1] * args.seeds, [tuple(args.reuse)] * args.seeds))
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # two threads: one training at a time
         again = list(pool.map(train_seed, seeds, [2] * args.seeds))
-    metrics = [k for k in runs[0] if k not in ("seed", "train_s")]
-    for run, other in zip(runs, again):
-        run.update({f"{k}_2threads": other[k] for k in metrics})
-        print(f"seed {run['seed']}: " + ", ".join(f"{k}={v}" for k, v in run.items() if k != "seed"), flush=True)
-    record = dict(recipe=ACCURACY, threads=1, seeds=len(runs),
-                  mean={k: round(statistics.fmean(r[k] for r in runs), 4) for k in metrics},
-                  std={k: round(statistics.stdev(r[k] for r in runs), 4) for k in metrics},
-                  paired_std={k: round(math.sqrt(statistics.fmean((r[f"{k}_2threads"] - r[k]) ** 2 for r in runs)), 4)
-                              for k in metrics}, runs=runs)
+    record = summarise(runs, again)
     SPREAD_FILE.write_text(json.dumps(record, indent=1) + "\n")
+    for run in runs:
+        print(f"seed {run['seed']}: " + ", ".join(f"{k}={run[k]} ({run[f'{k}_2threads']} on 2 threads)"
+                                                  for k in compare.GATED))
     print(f"over {len(runs)} seeds: mean {record['mean']}, standard deviation {record['std']}, paired "
-          f"{record['paired_std']}; wrote {SPREAD_FILE}")
+          f"{record['paired_std']}; per class (segmentation IoU) {record['class_std']}; the gate's first tier A "
+          f"against A failed {len(record['a_against_a']['failed'])} of {record['a_against_a']['pairs']} pairs of "
+          f"seeds; wrote {SPREAD_FILE}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Where the spread over seeds comes from: trains the synthetic benchmark's recipe (experiments/synthetic.yaml)
 under controlled variations (every source of randomness at once, one alone with the rest held at seed 0, the same
-seeds on two torch threads, the recipe before its decoder was frozen while waiting) and scores every run's weights
-in several ways: the last weights, their exponential moving average (what the recipe reports), the average of the
-late snapshots, on the val split and on 800 further val images. One JSON line per run; a run already there is not
-trained again, so an interrupted study resumes. `--report` prints the tables of docs/results.md ("Where the
-spread over seeds comes from").
+seeds on two torch threads) and scores every run's weights in several ways: the last weights, their exponential
+moving average (what the recipe reports) at the recipe's and other decays, the average of the late snapshots, on
+the first 200 val images and on the next 1800. One JSON line per run; a run already there is not trained again, so
+an interrupted study resumes. `--report` prints the tables of docs/results.md ("Where the spread over seeds comes
+from").
 
     PYTHONPATH=. python benchmarks/variance.py STUDY [STUDY ...] [--jobs 2] [--out runs/variance]
     PYTHONPATH=. python benchmarks/variance.py --report [--out runs/variance]
 
 Each training runs on one torch thread (`--jobs` of them side by side) unless its study says otherwise: the
-thread count changes float reductions, which the `threads` study measures.
+thread count changes float reductions, which the `threads` study measures. The ablation's rows are
+experiments/ablation/*.yaml, trained by `make ablation`.
 """
 from __future__ import annotations
 
@@ -28,31 +29,20 @@ sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "experiments" / "synthetic.yaml"
 COMMON = ["tracking.enabled=false", "data.num_workers=0", "train.threads=1", "train.log_every=250",
-          "train.ckpt_every=50", "data.synth_val=1000", "train.val_limit=200"]
+          "train.ckpt_every=50", "train.final_val_limit=200"]  # the runs are scored below, on both val parts
 SNAPSHOTS_FROM = 0.8        # keep the weights every ckpt_every iterations from this share of the run on
-EXTRA_VAL = (200, 1000)     # val images beyond the 200 the benchmark validates on
-EXTRA_EMA_DECAYS = (0.99, 0.998)  # besides the trainer's own EMA (0.995)
+EXTRA_VAL = (200, 2000)     # val images beyond the 200 mid-run validation scores
+EXTRA_EMA_DECAYS = (0.99, 0.998)  # besides the trainer's own EMA
 
-# study -> runs; a run is (name, overrides). The recipe is experiments/synthetic.yaml as it is (the decoder frozen
-# while its loss waits, the weights' EMA reported); `step` is the recipe before (AdamW steps the waiting decoder).
+# study -> runs; a run is (name, overrides) on experiments/synthetic.yaml as it is
 SEEDS = range(5)
-STEP = "optim.waiting_heads=step"
 STUDIES = {
     "seeds": [(f"seeds-{s}", [f"train.seed={s}"]) for s in SEEDS],
     # the same seeds on two torch threads: each pair differs only in the order of float reductions
     "threads": [(f"threads2-{s}", [f"train.seed={s}", "train.threads=2"]) for s in SEEDS],
     # one source of randomness at 1, the others at 0: against seeds-0
     "sources": [(f"{source}-1", [f"train.{source}_seed=1"]) for source in ("init", "order", "augment", "crop")],
-    "step": [(f"step-{s}", [f"train.seed={s}", STEP]) for s in SEEDS],
-    "step-init": [("step-init-1", ["train.init_seed=1", STEP])],
-    "declr2": [(f"declr2-{s}", [f"train.seed={s}", STEP, "optim.decoder_lr_mult=2"]) for s in SEEDS],
-    "headlr": [(f"headlr-{s}", [f"train.seed={s}", STEP, "optim.head_lr_mult=1.2"]) for s in range(2)],
-    "paperlr": [(f"paperlr-{s}", [f"train.seed={s}", STEP, "optim.lr=6e-5"]) for s in range(1)],
-    # the ablation's first two rows (experiments/ablation/); the third is `seeds`
-    "ablation": [(f"{row}-{s}", [f"train.seed={s}", "loss.use_ctc=false", f"loss.use_ptc={row == 'ptc'}".lower()])
-                 for row in ("baseline", "ptc") for s in SEEDS],
 }
-LIGHT = ("baseline-", "ptc-")  # runs scored on the val split only, final (seg, CAM) and EMA weights
 
 def _scores(model, cfg, source, indices, metrics=("seg",)):
     from toco.evaluation import ImageScorer, InferenceSettings, Scores, score_images
@@ -108,13 +98,6 @@ def train_and_score(name: str, overrides: list[str], out: str, extra: list[str])
     names = source.class_names
     model = build_model(cfg.model, cfg.data.num_classes)
     final = snapshots[max(snapshots)]
-    if name.startswith(LIGHT):
-        def val(weights, metrics=("seg",)):
-            return dict(val=_summary(_scores(_load(model, weights), cfg, source, range(EXTRA_VAL[0]), metrics), names))
-
-        return dict(name=name, overrides=overrides, train_s=round(train_s), iterations=cfg.train.max_iters,
-                    final=val(final, ("seg", "cam", "aux_cam")), ema=val(trainer.ema.module.state_dict()))
-
     def score(weights: dict, metrics=("seg",)) -> dict:
         model.load_state_dict(weights)
         val = _scores(model, cfg, source, range(EXTRA_VAL[0]), metrics)
@@ -175,25 +158,21 @@ def report(out: Path) -> None:
     def seg(name, kind="ema", split="val"):
         return records[name][kind][split]["miou_seg"]
 
-    print("| study | runs | seg mIoU, EMA | CAM mIoU | seg std: last weights | EMA | average of the last 20 % | "
-          "EMA on 1000 val images |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| study | runs | seg mIoU, EMA | CAM mIoU | seg std: last weights | EMA 0.995 | EMA 0.99 | EMA 0.998 | "
+          "average of the last 20 % | EMA 0.995 on 2000 val images |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for study, runs in STUDIES.items():
-        names = [n for n, _ in runs if n in records]
-        for prefix in ("baseline-", "ptc-") if study == "ablation" else ("",):
-            rows = [n for n in names if n.startswith(prefix)]
-            if len(rows) < 2:
-                continue
-            ema, cam = [seg(n) for n in rows], [records[n]["final"]["val"]["miou_cam"] for n in rows]
-            full = [n for n in rows if "average" in records[n]]
-            cells = [f"{_std([seg(n, 'final') for n in rows]):.3f}", f"{_std(ema):.3f}",
-                     f"{_std([seg(n, 'average') for n in full]):.3f}" if len(full) == len(rows) else "",
-                     f"{_std([seg(n, 'ema', 'val_all') for n in full]):.3f}" if len(full) == len(rows) else ""]
-            print(f"| {prefix.rstrip('-') or study} | {len(rows)} | {statistics.mean(ema):.3f} ± {_std(ema):.3f} | "
-                  f"{statistics.mean(cam):.3f} ± {_std(cam):.3f} | " + " | ".join(cells) + " |")
+        rows = [n for n, _ in runs if n in records]
+        if study == "sources" or len(rows) < 2:
+            continue
+        ema, cam = [seg(n) for n in rows], [records[n]["final"]["val"]["miou_cam"] for n in rows]
+        cells = [f"{_std([seg(n, k) for n in rows]):.3f}" for k in ("final", "ema", "ema_0.99", "ema_0.998", "average")]
+        cells.append(f"{_std([seg(n, 'ema', 'val_all') for n in rows]):.3f}")
+        print(f"| {study} | {len(rows)} | {statistics.mean(ema):.3f} ± {_std(ema):.3f} | "
+              f"{statistics.mean(cam):.3f} ± {_std(cam):.3f} | " + " | ".join(cells) + " |")
     print("\n| one source at 1 | seg mIoU, EMA | minus seeds-0 | CAM minus seeds-0 |\n|---|---:|---:|---:|")
-    for name in [n for n, _ in STUDIES["sources"] + STUDIES["step-init"] if n in records]:
-        centre = "step-0" if name.startswith("step") else "seeds-0"
+    for name in [n for n, _ in STUDIES["sources"] if n in records]:
+        centre = "seeds-0"
         cam = records[name]["final"]["val"]["miou_cam"] - records[centre]["final"]["val"]["miou_cam"]
         print(f"| {name} | {seg(name):.3f} | {seg(name) - seg(centre):+.3f} | {cam:+.3f} |")
     pairs = [(f"seeds-{s}", f"threads2-{s}") for s in SEEDS if f"threads2-{s}" in records and f"seeds-{s}" in records]

@@ -4,7 +4,8 @@ stdin, with one JSON line on stdout:
 
     {"op": "setup", "case": NAME}            -> {"ok": true} | {"error": MESSAGE}   (prepares and warms up)
     {"op": "round", "case": NAME}            -> {"wall": SECONDS, "cpu": SECONDS}   (times one round)
-    {"op": "train", "seed": N, "out": DIR}   -> {"metrics": {...}} | {"error": MESSAGE}
+    {"op": "train", "seed": N, "out": DIR, "overrides": [KEY=VALUE, ...]}
+                                             -> {"metrics": {...}, "seconds": S} | {"error": MESSAGE}
 
 Everything else the process prints (toco's logs, warnings) goes to stderr, which the driver keeps in a log file.
 
@@ -68,7 +69,9 @@ def serve(requests, reply, threads: int, slowdown: dict[str, float]) -> None:
             reply(wall=wall, cpu=cpu)
         elif op == "train":
             try:
-                reply(metrics=train_accuracy_recipe(request["seed"], request["out"], threads))
+                start = time.perf_counter()
+                metrics = train_accuracy_recipe(request["seed"], request["out"], threads, request.get("overrides", []))
+                reply(metrics=metrics, seconds=time.perf_counter() - start)
             except Exception as err:
                 traceback.print_exc()
                 reply(error=f"{type(err).__name__}: {err}".splitlines()[0])

@@ -114,6 +114,31 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tiny_cfg, tmp_path):
                 assert resumed.metrics[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
 
 
+def test_a_run_stopped_and_continued_in_process_equals_one_run(tiny_cfg, tmp_path):
+    tiny_cfg.output_dir = str(tmp_path / "once")
+    once = Trainer(tiny_cfg)
+    once.fit()
+    tiny_cfg.output_dir = str(tmp_path / "steps")
+    steps = Trainer(tiny_cfg)
+    assert steps.fit(until=3).metrics == {} and steps.iteration == 3    # no validation before iteration 4
+    assert not (tmp_path / "steps" / "best.pt").exists()
+    assert steps.fit().iteration == 4 and (tmp_path / "steps" / "best.pt").exists()
+    assert steps.fit().iteration == 4                                    # nothing left to train
+    for key, value in once.model.state_dict().items():
+        assert torch.equal(steps.model.state_dict()[key], value), key
+
+
+def test_the_final_validation_scores_its_own_share_of_the_split_and_metrics(tiny_cfg, tmp_path):
+    tiny_cfg.output_dir = str(tmp_path)
+    tiny_cfg.train.eval_every, tiny_cfg.train.val_limit, tiny_cfg.train.final_val_limit = 2, 2, 0
+    tiny_cfg.train.val_metrics = ("seg", "cam", "cam_par")
+    metrics = Trainer(tiny_cfg).fit().metrics
+    summaries = [json.loads((tmp_path / "eval" / f"iter_{i:06d}" / "summary.json").read_text()) for i in (2, 4)]
+    assert [s["images"] for s in summaries] == [2, tiny_cfg.data.synth_val]   # mid-run: the first 2; the last: all
+    assert set(summaries[1]["metrics"]) == {"miou_seg", "pixel_acc_seg", "miou_cam", "miou_cam_par"}
+    assert set(metrics) == {f"val/{k}" for k in summaries[1]["metrics"]}
+
+
 def test_cli_training_logs_everything_to_mlflow(tiny_cfg, tmp_path):
     import mlflow
 
@@ -228,6 +253,7 @@ def test_a_waiting_decoder_evolves_as_under_the_originals_zero_weighted_losses(t
     """Before seg_start the original computed seg and reg with weight 0: the decoder took zero gradients, so
     AdamW advanced its state and decayed its weights. toco skips the forward and gives it zero gradients."""
     tiny_cfg.optim.waiting_heads = "step"  # the original's behaviour (the synthetic default freezes them)
+    tiny_cfg.optim.decoder_warmup_iters = 0  # ... and its decoder lr from its first step (the default ramps it up)
     waiting = _fit(tiny_cfg, tmp_path, "waiting", seg_start=3)
     zero_weighted = _fit(tiny_cfg, tmp_path, "zero", seg_start=0, w_seg=0.0, w_reg=0.0)
     _assert_same_params_and_adamw_state(waiting, zero_weighted, "decoder")
@@ -286,7 +312,7 @@ def test_ablation_rows_from_the_same_seeds_are_compared_seed_by_seed():
     sqrt(7e-4 / 3) = 6.547 on 2 degrees of freedom."""
     from scipy import stats
 
-    from toco.ablation import aggregate, verdict
+    from toco.ablation import aggregate, markdown_table
 
     runs = [_ablation_run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
     runs += [_ablation_run("ptc", s, seg, 0.60 + 0.01 * s) for s, seg in enumerate((0.70, 0.68, 0.72))]
@@ -297,7 +323,12 @@ def test_ablation_rows_from_the_same_seeds_are_compared_seed_by_seed():
     assert test["p"] == pytest.approx(2 * stats.t.sf(0.1 / se, 2), rel=1e-6)
     half_width = stats.t.ppf(0.975, 2) * se
     assert (test["low"], test["high"]) == (pytest.approx(0.1 - half_width), pytest.approx(0.1 + half_width))
-    assert verdict(test).endswith("differs (paired)")
+    # the printed table: a row per config (its description), mean ± std, the paired test against the row above
+    lines = markdown_table([base, ptc]).splitlines()
+    assert lines[0] == ("| 3 seeds | seg mIoU | CAM mIoU | seg against the row above | CAM against the row above |")
+    assert lines[2] == "| base | 0.600 ± 0.010 | 0.600 ± 0.000 |  |  |"
+    assert lines[3] == (f"| ptc | 0.700 ± 0.020 | 0.610 ± 0.010 | +0.100 [{0.1 - half_width:+.3f}, "
+                        f"{0.1 + half_width:+.3f}], p = {test['p']:.3f} | +0.010 [-0.015, +0.035], p = 0.225 |")
     # CAM differences 0, 0.01, 0.02: t = 0.01 / (0.01 / sqrt(3)) = 1.732, p = 0.225
     assert ptc["vs_previous"]["cam"]["p"] == pytest.approx(2 * stats.t.sf(3 ** 0.5, 2), rel=1e-6)
     assert ptc["vs_previous"]["aux_cam"]["p"] == 1.0  # identical, no spread
@@ -313,7 +344,7 @@ def test_ablation_rows_from_other_seeds_are_compared_by_welchs_test():
     3) = 7.746 on Welch-Satterthwaite df = (5e-4/3)^2 / ((1e-4/3)^2/2 + (4e-4/3)^2/2) = 2.941."""
     from scipy import stats
 
-    from toco.ablation import aggregate, verdict
+    from toco.ablation import aggregate
 
     runs = [_ablation_run("base", s, seg, 0.60) for s, seg in enumerate((0.59, 0.61, 0.60))]
     runs += [_ablation_run("ptc", s + 3, seg, 0.60) for s, seg in enumerate((0.70, 0.68, 0.72))]
@@ -324,7 +355,7 @@ def test_ablation_rows_from_other_seeds_are_compared_by_welchs_test():
     assert test["p"] == pytest.approx(2 * stats.t.sf(t, df), rel=1e-6)
     half_width = stats.t.ppf(0.975, df) * (5e-4 / 3) ** 0.5
     assert (test["low"], test["high"]) == (pytest.approx(0.1 - half_width), pytest.approx(0.1 + half_width))
-    assert verdict(test).endswith("differs (Welch)") and test["p"] < 0.05
+    assert test["p"] < 0.05
     assert ptc["vs_previous"]["aux_cam"]["p"] == 1.0  # identical, no spread
 
 
@@ -346,7 +377,22 @@ def test_ablation_cli_trains_every_seed_and_writes_the_table(tiny_cfg, tmp_path,
     segs = [r["seg"] for r in table["runs"]]
     assert row["seg"]["mean"] == pytest.approx(sum(segs) / 2)
     assert row["seg"]["std"] == pytest.approx(abs(segs[0] - segs[1]) / 2 ** 0.5)
-    assert "± " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"| {tiny_cfg.description or 'tiny'} | {row['seg']['mean']:.3f} ± {row['seg']['std']:.3f} |" in out
+
+    # run again: the finished seeds are reused, not trained over (their checkpoints stay as they were)
+    last = tmp_path / "runs" / "tiny" / "seed_1" / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    main(["ablation", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1", "--json", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text())["runs"] == table["runs"]
+    assert last.stat().st_mtime_ns == stamp
+    # another config into the same folders: refused before anything trains
+    tiny_cfg.loss.w_ptc *= 2
+    save_config(tiny_cfg, tmp_path / "other.yaml")
+    with pytest.raises(SystemExit):
+        main(["ablation", str(tmp_path / "other.yaml"), "--seeds", "0", "--json", str(tmp_path / "other.json")])
+    assert "holds a training of another config" in capsys.readouterr().err
+    assert last.stat().st_mtime_ns == stamp and not (tmp_path / "other.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- noise studies

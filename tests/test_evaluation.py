@@ -230,14 +230,15 @@ def test_toco_eval_with_the_validation_protocol_repeats_in_training_validation(t
 
     tiny_cfg.output_dir = str(tmp_path / "run")
     outcome = Trainer(tiny_cfg).fit()
-    job = EvalJob(tiny_cfg, str(tmp_path / "run" / "last.pt"), "val", VALIDATION,
+    assert tiny_cfg.train.val_metrics == (*VALIDATION[:3], "cam_par", "cls")  # the synthetic default's: + pseudo labels
+    job = EvalJob(tiny_cfg, str(tmp_path / "run" / "last.pt"), "val", tiny_cfg.train.val_metrics,
                   InferenceSettings(resize=tiny_cfg.data.val_size), str(tmp_path / "eval"), shard_size=3)
     again = run_evaluation(job).scores.summary()
-    for key in ("miou_seg", "miou_cam", "miou_aux_cam", "cls_f1"):
+    for key in ("miou_seg", "miou_cam", "miou_aux_cam", "miou_cam_par", "cls_f1"):
         assert again[key] == pytest.approx(outcome.metrics[f"val/{key}"], abs=1e-12), key
     assert sorted(p.name for p in (tmp_path / "run" / "eval" / "iter_000004").iterdir()) == [
-        "confusion_aux_cam.png", "confusion_cam.png", "confusion_seg.png", "per_class_iou.txt", "samples.png",
-        "summary.json"]
+        "confusion_aux_cam.png", "confusion_cam.png", "confusion_cam_par.png", "confusion_seg.png",
+        "per_class_iou.txt", "samples.png", "summary.json"]
 
 
 @pytest.fixture

@@ -249,3 +249,28 @@ def test_a_size_that_is_not_a_multiple_of_the_patch_drops_the_remainder(tiny_mod
     out = tiny_model(x)
     assert out.seg_logits.shape == (2, 5, 4, 5)
     torch.testing.assert_close(out.cls_logits, tiny_model(x[..., :32, :40]).cls_logits, rtol=0, atol=0)
+
+
+def test_a_token_classifier_trains_the_class_token_and_stays_out_of_the_encoder(tiny_cfg, tmp_path):
+    from toco.checkpoint import export_encoder, save_checkpoint
+    from toco.engine.step import train_step
+    from toco.par import PAR
+    from toco.engine.loop import build_loaders
+
+    from toco.models import build_model
+
+    assert build_model(tiny_cfg.model, 5).token_classifier is None  # ToCo itself has none
+    tiny_cfg.model.token_classifier = True
+    model = build_model(tiny_cfg.model, 5)
+    batch = next(iter(build_loaders(tiny_cfg)[0]))
+    result = train_step(model, PAR((1,), 1), batch, tiny_cfg, iteration=0)
+    with torch.no_grad():
+        expected = F.multilabel_soft_margin_loss(model.token_classifier(model.encode(batch["image"]).cls_token),
+                                                 batch["cls_label"])
+    assert float(result.losses["cls_token"]) == pytest.approx(float(expected), rel=1e-5)
+    result.total.backward()
+    assert model.token_classifier.weight.grad.abs().sum() > 0 and model.encoder.cls_token.grad.abs().sum() > 0
+    assert any(p is model.token_classifier.weight for p in model.param_groups()[2])
+    save_checkpoint(tmp_path / "last.pt", dict(model=model.state_dict()))
+    export_encoder(tmp_path / "last.pt", tmp_path / "encoder.pt")
+    assert not any("token_classifier" in k for k in torch.load(tmp_path / "encoder.pt", weights_only=True))

@@ -41,3 +41,20 @@ def test_param_groups_and_lrs(tiny_model):
     assert set(grouped) == trainable
     assert not any(id(p) in trainable for p in tiny_model.proj_head_teacher.parameters())
     assert torch.is_tensor(tiny_model.encoder.pos_embed)
+
+
+def test_the_decoder_ramps_up_from_the_start_of_its_loss(tiny_model):
+    from toco.config import OptimConfig
+    from toco.engine.optim import decoder_warmup_factor
+
+    assert [decoder_warmup_factor(s, 10, 4) for s in (0, 9, 10, 11, 13, 14, 50)] == [0, 0, 0.25, 0.5, 1.0, 1.0, 1.0]
+    assert decoder_warmup_factor(10, 10, 0) == 1.0  # no ramp: the paper
+    opt, sched = build_optimizer(tiny_model, OptimConfig(lr=1e-3, warmup_iters=0, decoder_warmup_iters=4),
+                                 max_iters=100, seg_start=10)
+    for _ in range(11):  # optimizer steps 0..10: the decoder's first step is step 10, at a quarter of its lr
+        opt.step()
+        sched.step()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    poly = (1 - 11 / 100) ** 0.9
+    assert lrs["heads"] == pytest.approx(1e-2 * poly)
+    assert lrs["decoder"] == pytest.approx(1e-2 * poly * 2 / 4)  # before step 11: the second of four

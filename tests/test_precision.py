@@ -21,13 +21,14 @@ def _step(model, cfg, batch, precision):
 
 
 def test_a_bf16_step_stays_within_tolerance_of_fp32(tiny_cfg, tiny_model):
-    # CTC off: its local crops are drawn from CAM thresholds, which bf16 moves by a pixel here and there, and a
-    # different crop is a different loss, not a rounding error (the loss curve below covers CTC)
-    tiny_cfg.loss.use_ctc = False
+    # CTC and PTC off: CTC's local crops and PTC's token labels are drawn from aux-CAM thresholds, which bf16 moves
+    # by a token here and there, and a token labelled otherwise is a different loss, not a rounding error (on the
+    # first synthetic batch one token of PTC's moves its loss by 4 %; the loss curve below covers both)
+    tiny_cfg.loss.use_ctc = tiny_cfg.loss.use_ptc = False
     batch = next(iter(build_loaders(tiny_cfg)[0]))
     bf16_model = copy.deepcopy(tiny_model)
     fp32, bf16 = _step(tiny_model, tiny_cfg, batch, "fp32"), _step(bf16_model, tiny_cfg, batch, "bf16")
-    assert set(fp32) == set(bf16) == {"cls", "aux_cls", "ptc", "seg", "reg"}
+    assert set(fp32) == set(bf16) == {"cls", "aux_cls", "seg", "reg"}
     for key in fp32:  # stated tolerance: 0.5 % of each loss
         assert bf16[key] == pytest.approx(fp32[key], rel=5e-3, abs=1e-9), key
     for name, g32, g16 in zip(("encoder", "encoder norms", "heads", "decoder"), tiny_model.param_groups(),

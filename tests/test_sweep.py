@@ -45,6 +45,14 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": [0.5, 1.0]}}))
     with pytest.raises(ConfigError, match=r"grace_period=5 must lie in 1..train.max_iters \(4\)"):
         load_sweep(_write_spec(tmp_path, grace_period=5))
+    with pytest.raises(ConfigError, match="metric: objective and an objective mapping go together"):
+        load_sweep(_write_spec(tmp_path, objective={"val/miou_seg": 1.0}))
+    with pytest.raises(ConfigError, match=r"objective names \['val/miou_nope'\]"):
+        load_sweep(_write_spec(tmp_path, metric="objective", objective={"val/miou_nope": 1.0}))
+    with pytest.raises(ConfigError, match="seeds must be distinct integers"):
+        load_sweep(_write_spec(tmp_path, seeds=[0, 0]))
+    with pytest.raises(ConfigError, match="seeds need workers: 1"):
+        load_sweep(_write_spec(tmp_path, seeds=[0, 1], workers=2))
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     cfg = spec.trial_config({"loss.w_ptc": 0.3})
     assert cfg.loss.w_ptc == 0.3 and cfg.train.max_iters == 4 and cfg.train.ckpt_every == 2
@@ -141,12 +149,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
                        overrides={"train.max_iters": 8, "train.eval_every": 2, "tracking.experiment": "resume-test",
                                   "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
                                   "tracking.artifact_root": str(tmp_path / "mlruns" / "artifacts")},
-                       grace_period=8)  # no early stopping: every trial runs its 8 iterations
+                       grace_period=8,  # no early stopping: every trial runs its 8 iterations
+                       seeds=[0, 1], metric="objective", objective={"val/miou_seg": 0.5, "val/miou_cam": 0.5})
     toco = str(Path(sys.executable).parent / "toco")
     command = [toco, "sweep", str(spec), "--out", str(tmp_path / "sweep"), *TINY_SWEEP]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 900
-    while not list((tmp_path / "sweep" / "trials").glob("*/last.pt")) and time.monotonic() < deadline:
+    while not list((tmp_path / "sweep" / "trials").glob("*/seed_1/last.pt")) and time.monotonic() < deadline:
         assert first.poll() is None, first.stdout.read()[-3000:]
         time.sleep(0.5)
     first.send_signal(signal.SIGINT)  # after the first checkpoint of the first trial
@@ -162,8 +171,17 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     statuses = sorted((r.info.run_name, r.info.status) for r in trials)
     assert [status for _, status in statuses] == ["FINISHED"] * 3, (statuses, resumed.stdout[-3000:])
-    for r in trials:
-        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/cls")) == list(range(1, 9))
+    for r in trials:  # each seed's steps once, the mean over the seeds and the objective at every evaluation
+        for seed in (0, 1):
+            history = client.get_metric_history(r.info.run_id, f"seed_{seed}/train/cls")
+            assert sorted(m.step for m in history) == list(range(1, 9))
+        seg, cam, objective = (sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
+                               for key in ("val/miou_seg", "val/miou_cam", "objective"))
+        assert [step for step, _ in objective] == [2, 4, 6, 8]
+        assert [v for _, v in objective] == pytest.approx([(a[1] + b[1]) / 2 for a, b in zip(seg, cam)])
+        per_seed = [client.get_metric_history(r.info.run_id, f"seed_{seed}/val/miou_seg") for seed in (0, 1)]
+        last = [max(h, key=lambda m: m.step).value for h in per_seed]
+        assert seg[-1][1] == pytest.approx(sum(last) / 2)
 
 
 def test_settle_runs_ends_what_an_interrupted_sweep_left_open(tmp_path):

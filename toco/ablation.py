@@ -2,7 +2,7 @@
 
 Every row is a config with its mean ± sample standard deviation per metric over the seeds. Each row after the
 first is compared with the row before it on every metric: the difference of the means, its 95 % confidence
-interval and the p-value, and whether it exceeds the noise (p < 0.05). Rows trained from the same seeds are
+interval and the p-value. Rows trained from the same seeds are
 compared seed by seed (a paired t-test): on the synthetic benchmark a seed's luck (which classes its initialisation
 and data order favour) carries over from one config to the next, and the pairing removes it. Rows with other seeds
 fall back to Welch's t-test (unequal variances).
@@ -13,13 +13,13 @@ import json
 import statistics
 from pathlib import Path
 
-from toco.config import load_config
+from toco.config import ConfigError, load_config
 
-# the ablation's metrics: the summary.json key of each
-METRICS = {"seg": "val/miou_seg", "cam": "val/miou_cam", "aux_cam": "val/miou_aux_cam", "cls_f1": "val/cls_f1",
-           "wall_s": "wall_s"}
-COMPARED = ("seg", "cam", "aux_cam")  # the metrics rows are tested on
-ALPHA = 0.05
+# the ablation's metrics: the summary.json key of each (a row whose validation lacks one records None)
+METRICS = {"seg": "val/miou_seg", "cam": "val/miou_cam", "pseudo": "val/miou_cam_par", "aux_cam": "val/miou_aux_cam",
+           "cls_f1": "val/cls_f1", "wall_s": "wall_s"}
+COMPARED = ("seg", "cam", "pseudo", "aux_cam")  # the metrics rows are tested on
+SHOWN = {"seg": "seg mIoU", "cam": "CAM mIoU", "pseudo": "pseudo-label mIoU"}  # the printed table's
 
 
 def compare_rows(a: list[float], b: list[float], paired: bool) -> dict:
@@ -47,29 +47,24 @@ def aggregate(runs: list[dict]) -> list[dict]:
         groups.setdefault(run["config"], []).append(run)
     rows = []
     for config, group in groups.items():
-        row = dict(config=config, seeds=[r["seed"] for r in group], values={})
+        row = dict(config=config, description=group[0].get("description") or config, seeds=[r["seed"] for r in group],
+                   values={})
         for metric in METRICS:
-            values = [float(r[metric]) for r in group]
+            values = [float(r[metric]) for r in group if r.get(metric) is not None]
+            if len(values) < len(group):
+                continue
             row["values"][metric] = values
             row[metric] = dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None)
         if rows and len(group) > 1 and len(rows[-1]["seeds"]) > 1:
             paired = rows[-1]["seeds"] == row["seeds"]
-            row["vs_previous"] = {m: compare_rows(rows[-1]["values"][m], row["values"][m], paired) for m in COMPARED}
+            row["vs_previous"] = {m: compare_rows(rows[-1]["values"][m], row["values"][m], paired) for m in COMPARED
+                                  if m in row["values"] and m in rows[-1]["values"]}
         rows.append(row)
     return rows
 
 
-def verdict(test: dict) -> str:
-    sign = "+" if test["diff"] >= 0 else ""
-    word = "differs" if test["p"] < ALPHA else "within spread"
-    return (f"{sign}{test['diff']:.3f} [{test['low']:+.3f}, {test['high']:+.3f}] p={test['p']:.3f} {word} "
-            f"({test['test']})")
-
-
-def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:
-    """One row's training from one seed, in its own folder and MLflow run; its metrics."""
-    from toco.run import run_training
-
+def _seed_config(path: str, seed: int | None, overrides: list[str], threads: int | None):
+    """A row's config as it trains from `seed`: in its own folder and MLflow run."""
     cfg = load_config(path, overrides)
     if seed is not None:
         cfg.train.seed = seed
@@ -77,8 +72,45 @@ def _train(path: str, seed: int | None, overrides: list[str], threads: int | Non
         cfg.tracking.run_name = f"{cfg.tracking.run_name or Path(path).stem} seed {seed}"
     if threads:
         cfg.train.threads = threads
-    summary = run_training(cfg, Path(path).stem)
-    return dict(config=Path(path).stem, seed=cfg.train.seed, **{k: summary[key] for k, key in METRICS.items()})
+    return cfg
+
+
+def _earlier_training(cfg) -> str | None:
+    """What `cfg`'s folder holds: None (nothing), "same" (a training of this config, on any thread count) or
+    "other" (of another config, which no ablation overwrites)."""
+    import tempfile
+
+    import yaml
+
+    from toco.config import save_config
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not saved.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        ours, theirs = (yaml.safe_load(f.read_text()) for f in (Path(tmp) / "config.yaml", saved))
+    for config in (ours, theirs):
+        config["train"].pop("threads", None)
+    return "same" if ours == theirs else "other"
+
+
+def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:
+    """One row's training from one seed; its metrics. A finished training of the same config in its folder is
+    reused, a stopped one resumes from its last.pt."""
+    from toco.run import run_training
+
+    cfg = _seed_config(path, seed, overrides, threads)
+    folder, summary, resume = Path(cfg.output_dir), None, None
+    if _earlier_training(cfg) == "same":
+        done = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        if done.get("iterations") == cfg.train.max_iters:
+            summary = done
+        elif (folder / "last.pt").is_file():
+            resume = str(folder / "last.pt")
+    summary = summary or run_training(cfg, Path(path).stem, resume=resume)
+    return dict(config=Path(path).stem, description=cfg.description, seed=cfg.train.seed,
+                **{k: summary.get(key) for k, key in METRICS.items()})
 
 
 def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[str], out: str | Path,
@@ -91,9 +123,12 @@ def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[st
 
     from toco.run import check_before_run
 
-    for path in configs:  # every config checked before the first one trains
-        check_before_run(load_config(path, overrides))
     tasks = [(path, seed) for path in configs for seed in (seeds or [None])]
+    for path, seed in tasks:  # every training checked before the first one starts
+        cfg = _seed_config(path, seed, overrides, None)
+        check_before_run(cfg)
+        if _earlier_training(cfg) == "other":
+            raise ConfigError(f"{cfg.output_dir} holds a training of another config: move it, or set output_dir")
     if jobs <= 1:
         runs = [_train(path, seed, overrides, None) for path, seed in tasks]
     else:
@@ -107,16 +142,21 @@ def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[st
     return rows
 
 
-def ablation_table(rows: list[dict]) -> list[dict]:
-    """The rows as strings: mean ± std per metric, and each compared metric's verdict against the row above."""
-    def cell(stat: dict, digits: int) -> str:
-        return f"{stat['mean']:.{digits}f}" + ("" if stat["std"] is None else f" ± {stat['std']:.{digits}f}")
+def markdown_table(rows: list[dict]) -> str:
+    """What `toco ablation` prints and the README shows: per row (its config's description) mean ± std of the
+    SHOWN metrics, and each one against the row above: the paired difference, its 95 % interval, the p-value."""
+    def difference(test: dict) -> str:
+        p = "p < 0.001" if test["p"] < 0.001 else f"p = {test['p']:.3f}"
+        return f"{test['diff']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}], {p}"
 
-    table = []
+    shown = [m for m in SHOWN if any(m in row["values"] for row in rows)]
+    seeds = sorted({len(row["seeds"]) for row in rows})
+    head = [f"{len(rows[0]['seeds'])} seeds" if len(seeds) == 1 else "seeds"] + [SHOWN[m] for m in shown] + \
+        [f"{SHOWN[m].split()[0]} against the row above" for m in shown]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(shown) + "---|" * len(shown)]
     for row in rows:
-        line = dict(config=row["config"], seeds=len(row["seeds"]),
-                    **{k: cell(row[k], 0 if k == "wall_s" else 4) for k in METRICS})
-        line.update({f"{m} vs above": verdict(row["vs_previous"][m]) if "vs_previous" in row else ""
-                     for m in COMPARED})
-        table.append(line)
-    return table
+        cells = [f"{row[m]['mean']:.3f}" + (f" ± {row[m]['std']:.3f}" if row[m]["std"] is not None else "")
+                 if m in row else "n/a" for m in shown]
+        tests = [difference(row["vs_previous"][m]) if m in row.get("vs_previous", {}) else "" for m in shown]
+        lines.append("| " + " | ".join([row["description"], *cells, *tests]) + " |")
+    return "\n".join(lines)

@@ -45,12 +45,11 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_ablation(args) -> None:
-    from toco.ablation import COMPARED, METRICS, ablation_table, run_ablation
-    from toco.report import table
+    from toco.ablation import markdown_table, run_ablation
 
     rows = run_ablation(args.configs, args.seeds, args.overrides, args.json, args.jobs)
-    print("\n" + table(ablation_table(rows), ["config", "seeds", *METRICS, *(f"{m} vs above" for m in COMPARED)]))
-    print(f"\nwrote {args.json}")
+    print("\n" + markdown_table(rows))
+    print(f"\nwrote {args.json} (every run, and every metric compared row by row)")
 
 
 def cmd_eval(args) -> None:

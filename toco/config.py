@@ -73,6 +73,8 @@ class ModelConfig:
     freeze_pos_embed: bool = True        # the original keeps the position table frozen
     pos_embed_antialias: bool = False    # resample the position table as timm does (antialiased bicubic);
                                          # false: as the original (bicubic, no antialiasing)
+    token_classifier: bool = False       # a linear classifier on the class token, trained with the others (the
+                                         # synthetic pretext stage: ImageNet pre-training trains the class token)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class OptimConfig:
     lr: float = 6e-5
     head_lr_mult: float = 10.0           # classifiers, projection head, decoder
     decoder_lr_mult: float | None = None  # the decoder's own multiplier; None: head_lr_mult (the paper)
+    decoder_warmup_iters: int = 0        # the decoder's lr ramps up linearly over this many iterations from
+                                         # loss.seg_start, where its loss starts (0: no ramp, the paper)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -141,9 +145,18 @@ class TrainConfig:
     threads: int = 0                     # torch CPU threads; 0 = torch's default
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the network under autocast, losses and filters in fp32
     compile: bool = False                # torch.compile the encoder (training only)
-    val_limit: int = 0                   # evaluate on the first N val images; 0 = all
+    val_limit: int = 0                   # validate on the first N val images; 0 = all
+    final_val_limit: int | None = None   # the last validation's N (0 = all; None: val_limit): a cheap mid-run
+                                         # validation, a large final one
+    val_metrics: tuple[Literal["seg", "cam", "aux_cam", "cam_par", "aux_cam_par", "cls"], ...] = (
+        "seg", "cam", "aux_cam", "cls")  # what validation scores (docs/evaluation.md); cam_par: the pseudo labels
     val_split: str | None = None         # split validated on during training; None = data.val_split
     ema_decay: float = 0.0               # > 0: validate and keep an exponential moving average of the weights
+
+    @property
+    def last_val_limit(self) -> int:
+        """How many val images the last validation scores (0: all)."""
+        return self.val_limit if self.final_val_limit is None else self.final_val_limit
 
     def seed_of(self, source: Literal["init", "order", "augment", "crop"]) -> int:
         value = getattr(self, f"{source}_seed")
@@ -176,6 +189,8 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "runs/default"
+    description: str = ""                # one line saying what this experiment is: its MLflow run's description,
+                                         # its row in `toco ablation`
     legacy_bugs: bool = False            # reproduce the original code's four bugs (docs/deviations.md)
 
     @property

@@ -14,8 +14,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def training_report(summary: dict, baselines: dict[str, float] | None) -> str:
     """A finished training's val mIoUs, beside what trivial predictions score on the same images."""
-    rows = [dict(method=f"ToCo {name}", miou=f"{summary.get(f'val/miou_{key}', float('nan')):.4f}")
-            for name, key in (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"))]
+    rows = [dict(method=f"ToCo {name}", miou=f"{summary[f'val/miou_{key}']:.4f}")
+            for name, key in (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"),
+                              ("pseudo labels (CAM + PAR)", "cam_par")) if f"val/miou_{key}" in summary]
     rows += [dict(method=f"trivial: {k}", miou=f"{v:.4f}") for k, v in (baselines or {}).items()]
     return (f"validation, {summary['iterations']} iterations in {summary['wall_s']:.0f} s\n"
             + table(rows, ["method", "miou"]))

@@ -118,9 +118,12 @@ def run_training(cfg: Config, label: str | None = None, resume: str | None = Non
     label = label or cfg.tracking.experiment
     check_before_run(cfg, resume, workers)
     split = cfg.validation_split
-    subset = split.endswith("_part") or cfg.train.val_limit > 0  # in-training val/ numbers on part of a split
-    tags = {"validation": split + (f", first {cfg.train.val_limit}" if cfg.train.val_limit else "")
-            + (" (a subset)" if subset else "")}
+    final = cfg.train.last_val_limit
+    limits = f", first {cfg.train.val_limit}" if cfg.train.val_limit else ""
+    if final != cfg.train.val_limit:
+        limits += f"; the last validation {f'the first {final}' if final else 'all of it'}"
+    subset = split.endswith("_part") or final > 0  # the final val/ numbers on part of a split
+    tags = {"validation": split + limits + (" (a subset)" if subset else "")}
     with tracked_run(cfg, cfg.output_dir, run_name(cfg, label), resume=bool(resume), tags=tags) as run:
         if workers > 1:
             from toco.distributed.train import train_on_ray
@@ -143,7 +146,8 @@ def reference_scores(cfg: Config) -> dict[str, float] | None:
     from toco.data import build_source
     from toco.data.synthetic import trivial_baselines
 
-    return trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.val_limit)
+    # on the images the last validation scored
+    return trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.last_val_limit)
 
 
 def _shard_scorer(workers: int, gpus_per_worker: float, address: str | None):

@@ -163,8 +163,9 @@ class MLflowLogger:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_config(cfg, Path(tmp) / "config.yaml")
                     mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+            note = {"mlflow.note.content": cfg.description} if cfg.description else {}  # the UI's description
             mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.data.name, "backbone": cfg.model.backbone,
-                             **{k: str(v) for k, v in tags.items()}})
+                             **note, **{k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         fresh = {k: float(v) for k, v in metrics.items()

@@ -33,6 +33,8 @@ _RADIUS_RANGE = (0.15, 0.3)      # object radius / image side -> diameter 30-60%
 _PERIOD_RANGE = (0.09, 0.13)     # texture period / image side (about 9-12 px at 96 px)
 _DARK, _LIGHT = (0.0, 90.0), (165.0, 255.0)  # per-channel ranges of an object's two texture colours
 _EXTENT = 1.3                    # shapes fit in a box of +-_EXTENT radii around the centre
+_FAINT_CUT = (-0.2, 0.4)         # an object's faint part lies beyond a straight cut this many radii from its centre
+_FAINT_CONTRAST = (0.55, 0.75)   # the faint part's texture contrast, a fraction of the rest's (docs/synthetic.md)
 
 
 # ---- shapes: (u, v) in object frame, units of the radius -> bool mask -------------------------------------------
@@ -92,9 +94,23 @@ def _checker(a, b):
     return np.sin(np.pi * a) * np.sin(np.pi * b) / np.pi
 
 
+_HEX_ROW = np.sqrt(3)  # the hexagonal lattice's row pair height, in nearest-neighbour distances
+_HEX_SPACING = 1.5     # neighbouring dots this many periods apart, dots about a period wide (as a checkerboard's
+                       # squares); spaced 1.0-1.35 they would sit where the tessellated texture's triangles do
+
+
 def _dots(a, b):
-    fa, fb = a - np.round(a), b - np.round(b)
-    return 0.4 - np.sqrt(fa * fa + fb * fb)   # dots cover half the area, like the other textures
+    """Light dots on a hexagonal lattice, covering half the area like the other textures. On a square lattice the
+    dots were a checkerboard turned by 45 degrees at sqrt(2) times the period, a scale the benchmark draws; no
+    scale or rotation makes a square lattice hexagonal."""
+    a, b = a / _HEX_SPACING, b / _HEX_SPACING
+    nearest = None
+    for offset_a, offset_b in ((0.0, 0.0), (0.5, _HEX_ROW / 2)):   # two rectangular sub-lattices
+        fa = a - offset_a - np.round(a - offset_a)
+        fb = b - offset_b - _HEX_ROW * np.round((b - offset_b) / _HEX_ROW)
+        dist = np.sqrt(fa * fa + fb * fb)
+        nearest = dist if nearest is None else np.minimum(nearest, dist)
+    return (0.371 - nearest) * _HEX_SPACING   # pi r^2 = half of the sqrt(3)/2 cell; in periods
 
 
 def _rings(a, b):
@@ -250,10 +266,18 @@ def generate_sample(seed: int, index: int, size: int = 96, num_classes: int = 5,
     Returns image uint8 (size, size, 3) RGB and mask uint8 (size, size) with values 0..num_classes-1
     (num_classes includes background). Depends only on (seed, split, index, size, num_classes).
     """
+    image, mask, _ = generate_sample_parts(seed, index, size, num_classes, split)
+    return image, mask
+
+
+def generate_sample_parts(seed: int, index: int, size: int = 96, num_classes: int = 5,
+                          split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`generate_sample` and a bool (size, size) map of the objects' faint parts (docs/synthetic.md)."""
     _check_args(split, size, num_classes)
     rng = np.random.default_rng([int(seed), _SPLIT_STREAM[split], int(index)])
     image = _background(rng, size)                              # (size, size, 3) float
     mask = np.zeros((size, size), dtype=np.uint8)
+    faint = np.zeros((size, size), dtype=bool)
 
     n_obj = int(rng.integers(1, 4))
     classes = rng.integers(1, num_classes, n_obj)
@@ -277,11 +301,18 @@ def generate_sample(seed: int, index: int, size: int = 96, num_classes: int = 5,
         sdf = texture.sdf(u_px / period + phase[0], v_px / period + phase[1]) * period   # signed distance, px
         mix = np.clip(0.5 + sdf, 0.0, 1.0)[:, None]
         c1, c2 = _object_colours(rng)
-        image[y0:y1, x0:x1][inside] = c1 + (c2 - c1) * mix      # later objects occlude earlier ones
+        colour = c1 + (c2 - c1) * mix                           # (n, 3)
+        # the faint part: the pixels beyond a random straight cut, the same texture at a fraction of its contrast
+        cut = rng.uniform(0, 2 * np.pi)
+        beyond = u_px * np.cos(cut) + v_px * np.sin(cut) > rng.uniform(*_FAINT_CUT) * r
+        middle = (c1 + c2) / 2
+        colour[beyond] = middle + rng.uniform(*_FAINT_CONTRAST) * (colour[beyond] - middle)
+        image[y0:y1, x0:x1][inside] = colour                    # later objects occlude earlier ones
         mask[y0:y1, x0:x1][inside] = cls
+        faint[y0:y1, x0:x1][inside] = beyond
 
     image += rng.uniform(2, 6) * rng.standard_normal(image.shape, dtype=np.float32)   # mild sensor noise
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, faint
 
 
 class SyntheticSource:

@@ -12,6 +12,7 @@ parallel-coordinate plots.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -41,8 +42,12 @@ class SweepSpec:
     config: str                            # experiment YAML every trial starts from (relative to the sweep YAML)
     space: dict[str, dict]                 # dotted config key -> {uniform|loguniform|randint: [lo, hi]} | {choice: [...]}
     overrides: dict[str, typing.Any] = field(default_factory=dict)  # dotted key -> value, for every trial
-    metric: str = "val/miou_seg"
+    metric: str = "val/miou_seg"           # a validation metric, or `objective`
     mode: typing.Literal["max", "min"] = "max"
+    objective: dict[str, float] = field(default_factory=dict)  # validation metric -> weight: a trial reports
+                                           # `objective`, their weighted sum (of the means over its seeds)
+    seeds: list[int] = field(default_factory=list)  # each trial trains from every seed (one after another in its
+                                           # process, reporting the means); empty: the experiment's train.seed
     num_samples: int = 8                   # trials
     max_concurrent: int = 1                # trials at once
     workers: int = 1                       # Ray Train DDP workers per trial; 1 = the trial trains in its own process
@@ -98,6 +103,15 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         raise ConfigError(f"sweep {path}: {err}") from None
     if spec.workers < 1 or spec.num_samples < 1 or spec.max_concurrent < 1:
         raise ConfigError(f"sweep {path}: workers, num_samples and max_concurrent must be >= 1")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in spec.objective.values()):
+        raise ConfigError(f"sweep {path}: objective maps validation metrics to numbers, got {spec.objective!r}")
+    if (spec.metric == "objective") != bool(spec.objective):
+        raise ConfigError(f"sweep {path}: metric: objective and an objective mapping go together")
+    if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in spec.seeds) or \
+            len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"sweep {path}: seeds must be distinct integers, got {spec.seeds!r}")
+    if spec.seeds and spec.workers > 1:
+        raise ConfigError(f"sweep {path}: seeds need workers: 1 (a trial trains its seeds in its own process)")
     for key, dist in spec.space.items():
         if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
             raise ConfigError(f"sweep {path}: space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, "
@@ -116,6 +130,11 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         if spec.evaluate_default and not _inside(_get(cfg, key), kind, args):
             raise ConfigError(f"sweep {path}: the experiment's {key}={_get(cfg, key)} lies outside space.{key}; "
                               "widen the range or set evaluate_default: false")
+    validated = {f"val/miou_{m}" for m in cfg.train.val_metrics if m != "cls"} | {"val/cls_f1"}
+    unknown = sorted(set(spec.objective) - validated)
+    if unknown:
+        raise ConfigError(f"sweep {path}: objective names {unknown}, which validation does not report "
+                          f"(train.val_metrics gives {sorted(validated)})")
     if cfg.train.eval_every > cfg.train.max_iters:
         raise ConfigError(f"sweep {path}: train.eval_every={cfg.train.eval_every} > train.max_iters")
     if not 1 <= spec.grace_period <= cfg.train.max_iters:  # ASHA would assert deep inside Ray otherwise
@@ -148,8 +167,6 @@ def run_trial(params: dict, spec: SweepSpec, sweep_dir: str, parent_run_id: str 
     """A Tune function trainable: train one configuration, report at every checkpoint, resume from Tune's."""
     from ray import tune
 
-    from toco.engine.loop import Trainer
-
     trial_id = tune.get_context().get_trial_id()
     cfg = spec.trial_config(params)
     out = Path(sweep_dir) / "trials" / trial_id
@@ -166,16 +183,69 @@ def run_trial(params: dict, spec: SweepSpec, sweep_dir: str, parent_run_id: str 
             fit_distributed(cfg, spec.workers, spec.gpus_per_worker, make_logger, storage_path=out / "ray",
                             name="train", fresh=False, callbacks=[TuneReportCallback()])
         else:
-            def report(path: Path | None, metrics: dict, iteration: int) -> None:
-                with checkpoint_folder(path) as folder:
-                    tune.report(dict(metrics, iteration=iteration),
-                                checkpoint=tune.Checkpoint.from_directory(folder))
+            fit_seeds(cfg, spec, out, run.logger)
 
-            restored = tune.get_checkpoint()
-            with restored.as_directory() if restored else nullcontext(None) as folder:
-                trainer = Trainer(cfg, run.logger, Path(folder) / CHECKPOINT_FILE if folder else None,
-                                  on_checkpoint=report)
-            trainer.fit()
+
+class SeedLogger:
+    """A trial's logger for one of its seeds: the seed's numbers under `seed_<s>/`, its files in its folder."""
+
+    def __init__(self, logger, seed: int):
+        self.logger, self.prefix, self.run_id = logger, f"seed_{seed}/", logger.run_id
+
+    def log_metrics(self, metrics, step):
+        self.logger.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step)
+
+    def log_params(self, params):
+        pass  # the trial's run holds the parameters
+
+    def log_artifact(self, path, artifact_path=None):
+        self.logger.log_artifact(path, self.prefix + (artifact_path or ""))
+
+    def log_evaluation(self, folder, metrics, per_class_iou, step, prefix, artifact_path=None):
+        self.logger.log_evaluation(folder, metrics, per_class_iou, step, self.prefix + prefix,
+                                   self.prefix + (artifact_path or ""))
+
+    def end(self, status="FINISHED"):
+        pass
+
+
+def fit_seeds(cfg: Config, spec: SweepSpec, out: Path, logger) -> None:
+    """Train the trial from each of spec.seeds (or from cfg.train.seed), the seeds in turn up to each evaluation,
+    and report there the mean of their metrics (and the objective) with a checkpoint holding every seed's state."""
+    import statistics
+
+    from ray import tune
+
+    from toco.engine.loop import Trainer
+
+    seeds = spec.seeds or [cfg.train.seed]
+    folders = {seed: out / f"seed_{seed}" if spec.seeds else out for seed in seeds}
+    latest: dict[int, dict] = {}
+    restored = tune.get_checkpoint()
+    trainers = []
+    with restored.as_directory() if restored else nullcontext(None) as folder:
+        for seed in seeds:
+            seed_cfg = copy.deepcopy(cfg)
+            seed_cfg.train.seed, seed_cfg.output_dir = seed, str(folders[seed])
+            resume = Path(folder) / folders[seed].relative_to(out) / CHECKPOINT_FILE if folder else None
+            record = partial(lambda s, path, metrics, iteration: latest.__setitem__(s, metrics), seed)
+            trainers.append(Trainer(seed_cfg, SeedLogger(logger, seed) if spec.seeds else logger, resume,
+                                    on_checkpoint=record))
+    every, last = cfg.train.eval_every, cfg.train.max_iters
+    for stop in sorted({*range(every, last + 1, every), last}):
+        if trainers[0].iteration >= stop:
+            continue  # reached before an interruption
+        for trainer in trainers:
+            trainer.fit(until=stop)
+        keys = set.intersection(*(set(m) for m in latest.values()))
+        mean = {k: statistics.fmean(latest[s][k] for s in seeds) for k in keys}
+        if spec.objective:
+            mean["objective"] = sum(w * mean[k] for k, w in spec.objective.items())
+        if spec.seeds:
+            logger.log_metrics({k: v for k, v in mean.items() if k.startswith("val/") or k == "objective"}, stop)
+        with checkpoint_folder({folders[s].relative_to(out) / CHECKPOINT_FILE: folders[s] / CHECKPOINT_FILE
+                                for s in seeds}) as reported:
+            tune.report(dict(mean, iteration=stop), checkpoint=tune.Checkpoint.from_directory(reported))
 
 
 def _trial_run_id(sweep_dir: Path, trial_id: str) -> str | None:
@@ -322,6 +392,7 @@ def _summarise(spec: SweepSpec, results, sweep_dir: Path, base: Config, wall: fl
         rows.append(dict(trial=metrics.get("trial_id") or Path(result.path).name,
                          iteration=int(metrics.get("iteration", 0)),
                          value=float(value) if value is not None else float("nan"),
+                         seg=metrics.get("val/miou_seg"), cam=metrics.get("val/miou_cam"),
                          error=str(result.error) if result.error else "", params=params))
     finished = [r for r in rows if not math.isnan(r["value"])]
     if not finished:
@@ -333,6 +404,8 @@ def _summarise(spec: SweepSpec, results, sweep_dir: Path, base: Config, wall: fl
     default_row = next((r for r in rows if default and all(
         math.isclose(float(r["params"][k]), float(v)) if isinstance(v, (int, float)) else r["params"][k] == v
         for k, v in default.items())), None)
+    if default_row:
+        default_row["default"] = True
 
     # the experiment with the tuned values, not the sweep's shortened schedule
     best_cfg = load_config(spec.config, {**best["params"], **parse_overrides(spec.cli_overrides)})
@@ -395,7 +468,7 @@ def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]
             params = {k: (v if isinstance(dists[k], CategoricalDistribution) else
                           min(max(v, dists[k].low), dists[k].high)) for k, v in r["params"].items()}
             study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["value"]))
-    written = []
+    written = [path for path in [plot_seg_against_cam(rows, sweep_dir / "seg_vs_cam.png")] if path]
     for name, plot in (("param_importances.png", optuna.visualization.matplotlib.plot_param_importances),
                        ("parallel_coordinate.png", optuna.visualization.matplotlib.plot_parallel_coordinate)):
         try:
@@ -412,6 +485,35 @@ def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]
         plt.close(fig)
         written.append(sweep_dir / name)
     return written
+
+
+def plot_seg_against_cam(rows: list[dict], path: Path) -> Path | None:
+    """Each trial's segmentation against its CAM mIoU at the last iteration it reached, the trials no other beats
+    on both (the Pareto front) joined, the trial of the experiment's own values (evaluate_default) marked."""
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("seg") is not None and r.get("cam") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for depth in sorted({r["iteration"] for r in points}):
+        at = [r for r in points if r["iteration"] == depth]
+        ax.scatter([r["cam"] for r in at], [r["seg"] for r in at], label=f"stopped at {depth}", alpha=0.8)
+    deepest = [r for r in points if r["iteration"] == max(r["iteration"] for r in points)]
+    front = sorted((r for r in deepest if not any(o["seg"] >= r["seg"] and o["cam"] >= r["cam"] and o is not r and
+                                                   (o["seg"], o["cam"]) != (r["seg"], r["cam"]) for o in deepest)),
+                   key=lambda r: r["cam"])
+    ax.plot([r["cam"] for r in front], [r["seg"] for r in front], "k--", lw=1, label="Pareto front")
+    for row in (r for r in points if r.get("default")):
+        ax.scatter([row["cam"]], [row["seg"]], s=150, facecolors="none", edgecolors="red",
+                   label="the experiment's own values")
+    ax.set_xlabel("CAM mIoU (val, mean over the trial's seeds)")
+    ax.set_ylabel("segmentation mIoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def sweep_report(spec: SweepSpec, summary: dict) -> str:

@@ -25,14 +25,21 @@ CHECKPOINT_FILE = "last.pt"
 
 
 @contextmanager
-def checkpoint_folder(path: Path):
-    """A folder holding just `path`, for `Checkpoint.from_directory`. A hard link costs nothing, and the atomic save
-    replaces `path` by a rename, so the linked name keeps the bytes that were reported."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".report-") as folder:
-        try:
-            os.link(path, Path(folder) / CHECKPOINT_FILE)
-        except OSError:  # a file system without hard links
-            shutil.copy2(path, Path(folder) / CHECKPOINT_FILE)
+def checkpoint_folder(files: Path | dict[Path, Path]):
+    """A folder holding just `files` ({name in the folder: file}; one path: as CHECKPOINT_FILE), for
+    `Checkpoint.from_directory`. A hard link costs nothing, and the atomic save replaces a file by a rename, so
+    the linked name keeps the bytes that were reported."""
+    if not isinstance(files, dict):
+        files = {Path(CHECKPOINT_FILE): files}
+    anchor = next(iter(files.values())).parent
+    with tempfile.TemporaryDirectory(dir=anchor, prefix=".report-") as folder:
+        for name, path in files.items():
+            target = Path(folder) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, target)
         yield folder
 
 

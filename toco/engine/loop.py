@@ -128,7 +128,8 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         self.model = build_model(cfg.model, cfg.data.num_classes).to(self.device)
         self.par = PAR(cfg.pseudo.par_dilations, cfg.pseudo.par_iters).to(self.device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_iters)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.max_iters,
+                                                          cfg.loss.seg_start)
         # the weights validated and kept in best.pt: the EMA of the weights when train.ema_decay > 0 (the loop still
         # trains and resumes the raw weights)
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
@@ -172,8 +173,11 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def fit(self) -> TrainOutcome:
+    def fit(self, until: int | None = None) -> TrainOutcome:
+        """Train to `train.max_iters`, or stop after iteration `until` (a later call goes on from there, as a
+        resumed run would: the sweep steps several seeds of one trial in turn)."""
         cfg, train_cfg = self.cfg, self.cfg.train
+        stop = min(until, train_cfg.max_iters) if until is not None else train_cfg.max_iters
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -186,7 +190,7 @@ class Trainer:
                         disable=not self.is_main, dynamic_ncols=True, mininterval=2.0)
         tick, tick_iter = time.perf_counter(), self.iteration
         batches = iter(train_loader)
-        while self.iteration < train_cfg.max_iters:
+        while self.iteration < stop:
             batch = _to(next(batches), self.device)
             generator = torch.Generator(device=self.device).manual_seed(
                 _seed_of(train_cfg.seed_of("crop"), self.iteration, self.rank))
@@ -227,7 +231,7 @@ class Trainer:
                 if self.on_checkpoint:
                     self.on_checkpoint(path, dict(latest, best_miou_seg=self.best_miou), self.iteration)
         progress.close()
-        if self.is_main:  # what a user needs: the resumable last state and the best weights (docs/tracking.md)
+        if self.is_main and self.iteration == train_cfg.max_iters:  # what a user needs: the resumable last state and the best weights (docs/tracking.md)
             self.logger.log_artifact(self.out_dir / "last.pt", "checkpoints")
             if (self.out_dir / "best.pt").exists():
                 self.logger.log_artifact(self.out_dir / "best.pt", "checkpoints")
@@ -242,7 +246,8 @@ class Trainer:
         cfg = self.cfg
         split = cfg.validation_split
         model = self.validated_model
-        scores, samples = evaluate_model(model, cfg, val_source, limit=cfg.train.val_limit,
+        limit = cfg.train.last_val_limit if self.iteration == cfg.train.max_iters else cfg.train.val_limit
+        scores, samples = evaluate_model(model, cfg, val_source, cfg.train.val_metrics, limit=limit,
                                          num_workers=min(cfg.data.num_workers, 1))
         subset = subset_note(cfg, split, scores.images, len(val_source))
         folder = self.out_dir / "eval" / f"iter_{self.iteration:06d}"

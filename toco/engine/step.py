@@ -92,6 +92,8 @@ def train_step(model, par, batch: dict, cfg: Config, iteration: int,
 
     losses = {"cls": cls_loss(out.cls_logits, cls_label), "aux_cls": cls_loss(out.aux_cls_logits, cls_label)}
     weights = {"cls": 1.0, "aux_cls": 1.0}
+    if out.token_logits is not None:  # the class token's classifier (model.token_classifier)
+        losses["cls_token"], weights["cls_token"] = cls_loss(out.token_logits, cls_label), 1.0
 
     if active["ptc"]:  # PTC on the final tokens, guided by aux-CAM token labels (docs/method.md §3.2)
         grid = out.tokens.shape[-2:]

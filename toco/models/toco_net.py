@@ -30,6 +30,7 @@ class ModelOutput:
     aux_cls_logits: torch.Tensor  # (B, C-1)
     seg_logits: torch.Tensor | None  # (B, C, h, w); None when the forward was asked for no segmentation
     tokens: torch.Tensor          # (B, D, h, w)
+    token_logits: torch.Tensor | None = None  # (B, C-1) the class token's classifier (model.token_classifier)
     student: torch.Tensor | None = None  # (V*B, out) CTC projections of every view, view-major
     teacher: torch.Tensor | None = None  # (2*B, out) EMA-teacher projections of the two global views
 
@@ -87,7 +88,7 @@ class ToCoNet(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, aux_layer: int = -3, decoder_channels: int = 512,
                  decoder_dilation: int = 5, proj_hidden: int = 2048, proj_bottleneck: int = 256,
                  proj_out: int = 1024, freeze_pos_embed: bool = True, pooling: str = "gmp",
-                 attention_window: int = 0, pos_embed_antialias: bool = False):
+                 attention_window: int = 0, pos_embed_antialias: bool = False, token_classifier: bool = False):
         super().__init__()
         if attention_window < 0:
             raise ValueError(f"model.attention_window must be >= 0 (0 = global attention), got {attention_window}")
@@ -110,6 +111,9 @@ class ToCoNet(nn.Module):
         self.patch_size = embed.patch_size[0] * getattr(embed, "feature_ratio", (1,))[0]
         self.classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_classes - 1, 1, bias=False)
+        # classifies the images from the class token, as ImageNet pre-training trains it: the pretext stage uses it so
+        # that CTC, which reads the class token, starts from a trained one (docs/deviations.md)
+        self.token_classifier = nn.Linear(dim, num_classes - 1) if token_classifier else None
         self.decoder = LargeFOV(dim, num_classes, decoder_channels, decoder_dilation)
         self.proj_head = CTCHead(dim, proj_hidden, proj_bottleneck, proj_out)
         self.proj_head_teacher = copy.deepcopy(self.proj_head).requires_grad_(False)
@@ -150,7 +154,9 @@ class ToCoNet(nn.Module):
         pool = F.adaptive_max_pool2d if self.pooling == "gmp" else F.adaptive_avg_pool2d
         cls_logits = self.classifier(pool(enc.tokens, 1)).flatten(1)
         aux_cls_logits = self.aux_classifier(pool(enc.aux_tokens, 1)).flatten(1)
-        return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens) if seg else None, enc.tokens)
+        token_logits = self.token_classifier(enc.cls_token) if self.token_classifier is not None else None
+        return ModelOutput(cls_logits, aux_cls_logits, self.decoder(enc.tokens) if seg else None, enc.tokens,
+                           token_logits)
 
     def forward(self, x: torch.Tensor, global2: torch.Tensor | None = None, local_crops: torch.Tensor | None = None,
                 ema_momentum: float = 0.9, seg: bool = True) -> ModelOutput:
@@ -193,7 +199,8 @@ class ToCoNet(nn.Module):
             trainable((n, p) for n, p in enc if "norm" not in n),
             trainable((n, p) for n, p in enc if "norm" in n),
             trainable([*self.classifier.named_parameters(), *self.aux_classifier.named_parameters(),
-                       *self.proj_head.named_parameters()]),
+                       *self.proj_head.named_parameters(),
+                       *(self.token_classifier.named_parameters() if self.token_classifier is not None else ())]),
             trainable(self.decoder.named_parameters()),
         ]
 
@@ -204,4 +211,4 @@ def build_model(model_cfg, num_classes: int) -> ToCoNet:
     return ToCoNet(encoder, num_classes, model_cfg.aux_layer, model_cfg.decoder_channels,
                    model_cfg.decoder_dilation, model_cfg.proj_hidden, model_cfg.proj_bottleneck,
                    model_cfg.proj_out, model_cfg.freeze_pos_embed, model_cfg.pooling, model_cfg.attention_window,
-                   model_cfg.pos_embed_antialias)
+                   model_cfg.pos_embed_antialias, model_cfg.token_classifier)

@@ -1,6 +1,6 @@
 """The two noises of the accuracy recipe (support.ACCURACY), which the accuracy gates read: trains it from seeds
-0..N-1 on this tree on one torch thread (`--jobs` at a time), then each seed again on two threads, and writes
-benchmarks/baselines/accuracy_seed_spread.json:
+0..N-1 on this tree on one torch thread (`--jobs` at a time), then each seed (or the first K,
+`--two-thread-seeds K`) again on two threads, and writes benchmarks/baselines/accuracy_seed_spread.json:
 - per seed, the gated mIoUs (segmentation, CAM, pseudo labels) and the per-class segmentation IoU of both
   trainings; their mean and sample standard deviation over seeds (one thread), per metric and per class;
 - paired_std, the root mean square of (two threads - one thread) over seeds: how far two trainings of one seed
@@ -13,7 +13,8 @@ benchmarks/baselines/accuracy_seed_spread.json:
   for a reference revision.
 `--reuse runs/ablation` takes each one-thread training from a finished training of the same config there instead
 (`make ablation` trains the default's row from the same seeds on one thread each: the same weights).
-A property of the recipe: re-measure it when the recipe or the synthetic experiment changes
+Each training appends to runs/seed_spread/results.jsonl as it ends, with the recipe_digest it trained: an
+interrupted spread resumes. A property of the recipe: re-measure it when the recipe or the synthetic experiment changes
 (`make bench-seed-spread SPREAD_SEEDS=N`).
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from support import ACCURACY, BASELINES, ROOT, recipe_digest
 sys.path.insert(0, str(ROOT))  # this tree's toco, whichever tree the venv was installed from
 
 SPREAD_FILE = BASELINES / "accuracy_seed_spread.json"
+RESULTS = ROOT / "runs" / "seed_spread" / "results.jsonl"  # every training as it ends: an interrupted spread resumes
 
 
 def train_seed(seed: int, threads: int, reuse: tuple[Path, ...] = ()) -> dict:
@@ -66,18 +68,25 @@ def a_against_a(runs: list[dict], paired_std: dict[str, float]) -> dict:
     return dict(pairs=len(pairs), failed=failed)
 
 
+def read_results() -> list[dict]:
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.is_file() else []
+
+
 def summarise(runs: list[dict], again: list[dict]) -> dict:
+    """The spread file's record: `again` holds the two-thread trainings of the first len(again) seeds of `runs`."""
     for run, other in zip(runs, again):
         run.update({f"{k}_2threads": other[k] for k in compare.GATED})
+    paired = runs[:len(again)]
     classes = list(runs[0].get("iou_seg") or {})
     record = dict(recipe=ACCURACY, recipe_digest=recipe_digest(), machine=machine_class(), threads=1, seeds=len(runs),
                   mean={k: round(statistics.fmean(r[k] for r in runs), 4) for k in compare.GATED},
                   std={k: round(statistics.stdev(r[k] for r in runs), 4) for k in compare.GATED},
-                  paired_std={k: round(math.sqrt(statistics.fmean((r[f"{k}_2threads"] - r[k]) ** 2 for r in runs)), 4)
-                              for k in compare.GATED},
+                  paired_std={k: round(math.sqrt(statistics.fmean((r[f"{k}_2threads"] - r[k]) ** 2 for r in paired)),
+                                       4) for k in compare.GATED},
+                  paired_seeds=len(paired),
                   class_std={c: round(statistics.stdev(r["iou_seg"][c] for r in runs), 4) for c in classes},
                   runs=runs)
-    record["a_against_a"] = a_against_a(runs, record["paired_std"])
+    record["a_against_a"] = a_against_a(paired, record["paired_std"])
     return record
 
 
@@ -88,23 +97,44 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, nargs="*", default=[],
                         help="folders of finished trainings (e.g. runs/ablation) whose one-thread runs of the recipe "
                              "stand in for training them again")
+    parser.add_argument("--two-thread-seeds", type=int, default=None,
+                        help="train only the first K seeds again on two threads (default: every seed)")
     args = parser.parse_args()
     if args.seeds < 3:
         sys.exit(f"seed spread: train at least 3 seeds for a standard deviation worth the name, got {args.seeds}")
-    seeds = range(args.seeds)
+    paired = args.seeds if args.two_thread_seeds is None else args.two_thread_seeds
+    if not 2 <= paired <= args.seeds:
+        sys.exit(f"seed spread: --two-thread-seeds must be 2..{args.seeds}, got {paired}")
+    digest = recipe_digest()
+    done = {(r["seed"], r["threads"]): r for r in read_results() if r.get("recipe_digest") == digest}
+
+    def record(run: dict, threads: int) -> None:
+        done[run["seed"], threads] = run = dict(run, threads=threads, recipe_digest=digest)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(run) + "\n")
+
+    todo = [s for s in range(args.seeds) if (s, 1) not in done]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        runs = list(pool.map(train_seed, seeds, [1] * args.seeds, [tuple(args.reuse)] * args.seeds))
+        for run in pool.map(train_seed, todo, [1] * len(todo), [tuple(args.reuse)] * len(todo)):
+            record(run, 1)
+    todo = [s for s in range(paired) if (s, 2) not in done]
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # two threads: one training at a time
-        again = list(pool.map(train_seed, seeds, [2] * args.seeds))
+        for run in pool.map(train_seed, todo, [2] * len(todo)):
+            record(run, 2)
+    strip = ("threads", "recipe_digest")
+    runs = [{k: v for k, v in done[s, 1].items() if k not in strip} for s in range(args.seeds)]
+    again = [{k: v for k, v in done[s, 2].items() if k not in strip} for s in range(paired)]
     record = summarise(runs, again)
     SPREAD_FILE.write_text(json.dumps(record, indent=1) + "\n")
     for run in runs:
-        print(f"seed {run['seed']}: " + ", ".join(f"{k}={run[k]} ({run[f'{k}_2threads']} on 2 threads)"
+        print(f"seed {run['seed']}: " + ", ".join(f"{k}={run[k]}" + (f" ({run[f'{k}_2threads']} on 2 threads)"
+                                                                     if f"{k}_2threads" in run else "")
                                                   for k in compare.GATED))
     print(f"over {len(runs)} seeds: mean {record['mean']}, standard deviation {record['std']}, paired "
-          f"{record['paired_std']}; per class (segmentation IoU) {record['class_std']}; the gate's first tier A "
-          f"against A failed {len(record['a_against_a']['failed'])} of {record['a_against_a']['pairs']} pairs of "
-          f"seeds; wrote {SPREAD_FILE}")
+          f"{record['paired_std']} ({len(again)} seeds); per class (segmentation IoU) {record['class_std']}; the gate's "
+          f"first tier A against A failed {len(record['a_against_a']['failed'])} of {record['a_against_a']['pairs']} "
+          f"pairs of seeds; wrote {SPREAD_FILE}")
 
 
 if __name__ == "__main__":

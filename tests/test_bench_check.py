@@ -393,3 +393,20 @@ def test_a_finished_training_of_the_accuracy_recipe_stands_in_for_training_it(tm
     assert cases.reusable_training([tmp_path / "ablation"], 1, threads=2) is None
     assert cases.reusable_training([tmp_path / "ablation"], 1, threads=1, overrides=["loss.use_ctc=false"]) is None
     assert cases.reusable_training([tmp_path / "ablation"], 0, threads=1) is None
+
+
+def test_the_seed_spread_pairs_only_the_seeds_trained_twice():
+    import seed_spread
+
+    runs = [dict(seed=s, miou=0.70 + 0.01 * s, miou_cam=0.60, miou_pseudo=0.75, iou_seg={"a": 0.5 + 0.1 * s})
+            for s in range(4)]
+    again = [dict(seed=0, miou=0.73, miou_cam=0.61, miou_pseudo=0.75), dict(seed=1, miou=0.67, miou_cam=0.60,
+                                                                            miou_pseudo=0.75)]
+    record = seed_spread.summarise(runs, again)
+    # differences +0.03 and -0.04 on segmentation: root mean square 0.0354; CAM +0.01 and 0: 0.0071
+    assert record["paired_std"] == {"miou": 0.0354, "miou_cam": 0.0071, "miou_pseudo": 0.0}
+    assert record["paired_seeds"] == 2 and record["seeds"] == 4
+    assert record["mean"]["miou"] == 0.715 and record["std"]["miou"] == pytest.approx(0.0129, abs=1e-4)
+    assert record["class_std"] == {"a": pytest.approx(0.1291, abs=1e-4)}
+    assert record["a_against_a"]["pairs"] == 1       # seeds 0 and 1: the one pair trained twice
+    assert "miou_2threads" in runs[1] and "miou_2threads" not in runs[2]

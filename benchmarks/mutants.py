@@ -23,6 +23,7 @@ table, writes OUT/table.md, logs both to MLflow (experiment `benchmarks`, tag ki
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -164,7 +165,8 @@ def run(names: list[str], seeds: list[int], jobs: int, out: Path, reuse: list[Pa
                     f.write(json.dumps(record) + "\n")
                 eta = (time.perf_counter() - started) / k * (len(todo) - k)
                 print(f"[{k}/{len(todo)}] {record['mutant']} seed {record['seed']}: " + ", ".join(
-                    f"{m} {v:.4f}" for m, v in record["metrics"].items()) + f" ({record['seconds']:.0f} s; "
+                    f"{m} {record['metrics'][m]:.4f}" for m in compare.GATED if m in record["metrics"])
+                    + f" ({record['seconds']:.0f} s; "
                     f"about {eta / 60:.0f} min left)", file=sys.stderr, flush=True)
 
 
@@ -234,7 +236,8 @@ def report(out: Path, store: bool) -> None:
     (out / "table.md").write_text(text + "\n")
     if store:
         STORED.write_text(json.dumps(dict(machine=sorted({r["machine"] for r in records}),
-                                          commit=git("rev-parse", "HEAD"), rows=rows, runs=records), indent=1) + "\n")
+                                          commit=git("rev-parse", "HEAD"), rows=rows, runs=records), indent=1,
+                                     default=dataclasses.asdict) + "\n")  # the gate's rows: AccuracyRow
         print(f"wrote {STORED.relative_to(ROOT)}")
     metrics = {f"effect/{r['mutant']}/{m}": e["diff"] for r in rows for m, e in r["effects"].items()}
     metrics.update({f"gate_failed/{r['mutant']}": float(bool(r["gate"]["failed"])) for r in rows})

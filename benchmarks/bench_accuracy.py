@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from compare import GATED, TIERS, accuracy_table, gate_verdict
+from compare import GATED, accuracy_table, tiered_gate
 from support import BASELINES
 from toco.checkpoint import load_trained_model
 from toco.data import build_source
@@ -61,15 +61,17 @@ def test_miou_not_below_baseline(trained_checkpoints):
         pytest.skip(f"no accuracy baseline ({SEED_SPREAD}): make bench-seed-spread")
     stored = json.loads(SEED_SPREAD.read_text())
     by_seed = {run["seed"]: run for run in stored["runs"]}
-    for tier in TIERS:
-        if tier[0] not in trained_checkpoints.seeds:
+
+    def train_tier(tier: tuple[int, ...]) -> None:
+        if tier[0] not in trained_checkpoints.seeds:  # the session trained the first tier already
             trained_checkpoints.train(tier)
-        seeds = trained_checkpoints.seeds
-        ref = {m: [by_seed[s].get(m) for s in seeds] for m in GATED}
-        head = {m: [run.get(m) for run in trained_checkpoints.metrics] for m in GATED}
-        verdict = gate_verdict(ref, head, stored["paired_std"])
-        if not verdict["more"]:
-            break
+
+    def head(seeds: list[int]) -> dict[str, list]:
+        trained = dict(zip(trained_checkpoints.seeds, trained_checkpoints.metrics))
+        return {m: [trained[s].get(m) for s in seeds] for m in GATED}
+
+    verdict, seeds = tiered_gate(train_tier, lambda seeds: {m: [by_seed[s].get(m) for s in seeds] for m in GATED},
+                                 head, stored["paired_std"])
     print("\n" + accuracy_table(verdict["rows"], seeds))
     assert not verdict["failed"], (f"{', '.join(verdict['failed'])}: seeds {seeds} fell below the stored mIoUs of "
                                    f"{SEED_SPREAD} beyond the gate's tolerance (the table above)")

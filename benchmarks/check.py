@@ -24,6 +24,7 @@ import tempfile
 import time
 import tomllib
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import compare
@@ -256,16 +257,18 @@ def accuracy(workers: dict[str, list[Worker]], base: str, out: Path) -> tuple[di
           f"({SEED_SPREAD.name} at {base[:8]}{'' if stored else ', which measured other recipe files'})",
           file=sys.stderr)
     found: dict[tuple[str, int], dict] = {}
-    for tier in compare.TIERS:
+
+    def train_tier(tier: tuple[int, ...]) -> None:
+        if found:
+            print("accuracy: inconclusive on two seeds, training the next tier", file=sys.stderr, flush=True)
         found.update(train_side_by_side([(side, seed) for seed in tier for side in sides], sides, out))
-        seeds = [s for t in compare.TIERS[:compare.TIERS.index(tier) + 1] for s in t]
-        ref = {m: [(stored or {}).get(s, {}).get(m) if stored else found[("ref", s)].get(m) for s in seeds]
-               for m in compare.GATED}
-        head = {m: [found[("head", s)].get(m) for s in seeds] for m in compare.GATED}
-        verdict = compare.gate_verdict(ref, head, spread["paired_std"])
-        if not verdict["more"]:
-            break
-        print("accuracy: inconclusive on two seeds, training the next tier", file=sys.stderr, flush=True)
+
+    def metrics(side: str, seeds: list[int]) -> dict[str, list]:
+        of = (lambda s: stored.get(s, {})) if side == "ref" and stored else (lambda s: found[side, s])
+        return {m: [of(s).get(m) for s in seeds] for m in compare.GATED}
+
+    verdict, _ = compare.tiered_gate(train_tier, partial(metrics, "ref"), partial(metrics, "head"),
+                                     spread["paired_std"])
     return {f"{side}-{seed}": metrics for (side, seed), metrics in found.items()}, verdict, stored is None
 
 

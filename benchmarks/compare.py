@@ -224,6 +224,20 @@ def gate_verdict(ref: dict[str, list[float]], head: dict[str, list[float]], pair
     return dict(rows=rows, failed=failed, more=more, seeds=max((r.seeds for r in rows), default=0))
 
 
+def tiered_gate(train_tier, reference, head, paired_std: dict[str, float]) -> tuple[dict, list[int]]:
+    """The gate over TIERS, the one loop bench-check and the accuracy benchmark share: train_tier(tier) trains a
+    tier's seeds, then reference(seeds) and head(seeds) give {metric: [value per seed]} for every seed so far; the
+    next tier only when the verdict asks for more seeds. Returns the verdict and the seeds it rests on."""
+    seeds: list[int] = []
+    for tier in TIERS:
+        train_tier(tier)
+        seeds += tier
+        verdict = gate_verdict(reference(seeds), head(seeds), paired_std)
+        if not verdict["more"]:
+            break
+    return verdict, seeds
+
+
 def tiers_used(verdict: dict) -> list[tuple[int, ...]]:
     """The tiers of seeds a verdict rests on."""
     used, count = [], 0

@@ -25,7 +25,7 @@ $(STAMP): $(BASE_STAMP)
 venv: $(STAMP)  ## set up .venv with everything (make demo installs only what training needs)
 
 demo: $(BASE_STAMP)  ## train ToCo on the embedded synthetic benchmark, evaluate, log to MLflow
-	$(TOCO) train experiments/synthetic.yaml
+	$(TOCO) train experiments/synthetic.yaml $(ARGS)
 
 # two test processes (pytest-xdist), one torch thread each; the Ray tests share one process and its cluster
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup --durations=20 tests

@@ -59,5 +59,5 @@ def cli_user_error(argv, capsys) -> str:
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err, err
     message = err.strip().splitlines()[-1]  # after any progress bar
-    assert message.startswith(f"toco {argv[0]}: "), err
+    assert message.startswith(f"toco {argv[0]}"), err  # "toco data synth: error: ..." from argparse
     return message

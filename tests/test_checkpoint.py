@@ -27,6 +27,38 @@ def test_load_refuses_pickled_code(tmp_path):
         load_checkpoint(path)
 
 
+class _NotATensor:
+    pass
+
+
+def test_a_damaged_or_foreign_checkpoint_gets_our_own_message(tmp_path):
+    """Never torch's text (which advises weights_only=False): what is wrong with the file, in one line."""
+    import pickle
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(2)}}, good)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint\n" * 20)
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"w": [1, 2]}))
+    torch.save({"model": _NotATensor()}, tmp_path / "object.pt")
+    expected = {"empty.pt": "is empty (0 bytes)", "truncated.pt": "is damaged: truncated",
+                "text.pt": "is not a PyTorch checkpoint", "pickle.pt": "is not a PyTorch checkpoint",
+                "object.pt": "holds Python objects other than tensors"}
+    for name, message in expected.items():
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError) as err:
+                load_checkpoint(tmp_path / name, mmap=mmap)
+            assert str(err.value).startswith(f"checkpoint {tmp_path / name} {message}")
+            assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_legacy_format_checkpoint_loads_even_where_a_map_is_asked_for(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"model": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(path, mmap=True)["model"]["w"], torch.arange(3.0))
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")

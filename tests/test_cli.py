@@ -88,6 +88,31 @@ def test_data_synth_checks_its_arguments_before_making_folders(tmp_path, capsys)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv", [["data", "synth", "--out", "OUT"], ["export-encoder", "in.pt", "OUT"]])
+def test_a_command_that_reads_no_config_refuses_overrides(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    message = cli_user_error([*argv, "bogus.key=1"], capsys)
+    assert "takes no key=value overrides" in message and "bogus.key=1" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_never_replaces_an_earlier_run_unasked(store, tiny_cfg, capsys):
+    """A second training into the same output_dir needs --resume or --overwrite; --overwrite starts a new run whose
+    id replaces the earlier one's, and with tracking off leaves no earlier id behind."""
+    main(["train", str(store)])
+    folder = Path(tiny_cfg.output_dir)
+    first_id = (folder / "mlflow_run_id").read_text().strip()
+    first = (folder / "last.pt").read_bytes()
+    message = cli_user_error(["train", str(store)], capsys)
+    assert f"output_dir {folder} holds an earlier run's checkpoints (last.pt, best.pt)" in message
+    assert "--resume" in message and "--overwrite" in message
+    assert (folder / "last.pt").read_bytes() == first and len(_runs(tiny_cfg)) == 1  # untouched, no run opened
+    main(["train", str(store), "--overwrite"])
+    assert (folder / "mlflow_run_id").read_text().strip() not in ("", first_id) and len(_runs(tiny_cfg)) == 2
+    main(["train", str(store), "--overwrite", "tracking.enabled=false"])
+    assert not (folder / "mlflow_run_id").exists()  # an untracked run files nothing under the earlier run
+
+
 def test_toco_debug_shows_the_traceback(tmp_path):
     command = [sys.executable, "-m", "toco.cli", "config", "show", str(tmp_path / "missing.yaml")]
     plain = subprocess.run(command, capture_output=True, text=True)

@@ -1,6 +1,8 @@
-import pytest
-
+import dataclasses
 import os
+import re
+
+import pytest
 from pathlib import Path
 
 from toco.config import Config, ConfigError, absolute_paths, flatten, load_config, save_config
@@ -51,6 +53,55 @@ def test_overrides_are_typed_yaml_scalars():
 def test_bad_keys_and_types_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config("experiments/synthetic.yaml", [override])
+
+
+def test_a_dotted_key_inside_a_mapping_sets_that_key_only():
+    cfg = load_config("experiments/synthetic.yaml", ["model.backbone_kwargs.embed_dim=64"])
+    assert cfg.model.backbone_kwargs == {"img_size": 96, "embed_dim": 64, "depth": 3, "num_heads": 4}
+    cfg = load_config("experiments/synthetic.yaml", ["model.backbone_kwargs={depth: 2, qkv_bias: false}"])
+    assert cfg.model.backbone_kwargs == {"img_size": 96, "embed_dim": 128, "depth": 2, "num_heads": 4,
+                                         "qkv_bias": False}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "'train.batch_size': 0 is out of range; it must be >= 1"),
+    ("train.max_iters=-5", "'train.max_iters': -5 is out of range; it must be >= 1"),
+    ("pseudo.bkg_thre=1.5", "'pseudo.bkg_thre': 1.5 is out of range; it must be in [0, 1]"),
+    ("train.ema_decay=1", "'train.ema_decay': 1.0 is out of range; it must be in [0, 1)"),
+    ("loss.ctc_temperature=0", "'loss.ctc_temperature': 0.0 is out of range; it must be > 0"),
+    ("pseudo.cam_scales=[1.0, -2]", "must be > 0 for every element"),
+    ("data.rescale_range=[2.0, 1.0]", "low <= high"),
+    ("pseudo.low_thre=0.8", "the low threshold must not exceed the high one"),
+])
+def test_a_value_out_of_its_range_fails_naming_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("experiments/synthetic.yaml", [override])
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=1", "train.ema_decay=0", "pseudo.bkg_thre=1.0",
+                                      "pseudo.bkg_thre=0", "loss.w_ctc=0", "data.test_resize=null",
+                                      "train.final_val_limit=null", "model.aux_layer=-2"])
+def test_the_ends_of_a_range_are_accepted(override):
+    load_config("experiments/synthetic.yaml", [override])
+
+
+def test_every_numeric_key_has_a_range_or_is_declared_unbounded():
+    """A key added without a range would let a negative batch or a zero temperature reach the training."""
+    import typing
+
+    from toco.config import RANGES, UNBOUNDED
+
+    def numeric(tp) -> bool:
+        return tp in (int, float) or any(numeric(arg) for arg in typing.get_args(tp) if arg is not Ellipsis)
+
+    keys = set()
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.default_factory if section.default_factory is not dataclasses.MISSING
+                                    else None):
+            hints = typing.get_type_hints(section.default_factory)
+            keys |= {f"{section.name}.{name}" for name, tp in hints.items() if numeric(tp)}
+    assert keys - set(RANGES) - UNBOUNDED == set()
+    assert set(RANGES) | UNBOUNDED <= keys  # and no range for a key that is gone
 
 
 def test_an_unknown_dataset_fails_before_a_run_naming_the_key_and_the_known_ones():

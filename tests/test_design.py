@@ -17,7 +17,7 @@ LAYERS = [
     ["toco.tracking", "toco.distributed.cluster", "toco.distributed.train", "toco.distributed.evaluate"],
     ["toco.run"],
     ["toco.distributed.sweep", "toco.ablation"],
-    ["toco.cli"],
+    ["toco.cli", "toco.__main__"],
 ]
 
 

@@ -266,7 +266,7 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(checkpoint_dir, tiny_cfg
     with pytest.raises(CheckpointError, match="backbone"):
         load_trained_model(tiny_cfg, checkpoint_dir / "last.pt")
     torch.save({"model": object()}, checkpoint_dir / "code.pt")  # needs unpickling of arbitrary objects
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="toco loads weights only"):
         load_trained_model(tiny_cfg, checkpoint_dir / "code.pt")
     err = cli_user_error(["predict", "x.png", "--checkpoint", str(checkpoint_dir / "last.pt"), "--out", "o",
                  "data.num_classes=7"], capsys)
@@ -304,6 +304,19 @@ def test_predict_handles_odd_images_and_skips_a_corrupt_one(checkpoint_dir, tmp_
         shares = json.loads((out / "class_shares.json").read_text())
         assert sorted(shares) == ["gray", "large", "rgba"]
         assert all(sum(s.values()) == pytest.approx(1, abs=1e-3) for s in shares.values())
+    # nothing of the user's is replaced: not the inputs, not files already in --out (unless resuming there)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    for items in ([str(inputs)], [str(inputs / "gray.png")], [str(tmp_path / "list.txt")]):
+        message = cli_user_error(["predict", *items, "--checkpoint", str(checkpoint_dir / "last.pt"), "--out",
+                                  str(inputs)], capsys)
+        assert f"--out {inputs} holds the input image" in message
+    message = cli_user_error(["predict", str(inputs / "gray.png"), "--checkpoint", str(checkpoint_dir / "last.pt"),
+                              "--out", str(tmp_path)], capsys)  # a folder above the inputs
+    assert message.startswith(f"toco predict: --out {tmp_path} holds the input")
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+    message = cli_user_error(["predict", str(inputs / "gray.png"), "--checkpoint", str(checkpoint_dir / "last.pt"),
+                              "--out", str(tmp_path / "out_files")], capsys)
+    assert "already holds gray.png" in message and "--resume" in message
     cli_user_error(["predict", str(tmp_path / "empty.txt"), "--checkpoint", str(checkpoint_dir / "last.pt"), "--out",
            str(tmp_path / "o")], capsys)
     (tmp_path / "empty.txt").write_text("\n")
@@ -346,6 +359,9 @@ def test_eval_cli_writes_the_summary_and_an_evaluation_run_nested_under_its_trai
                               "tags.kind = 'evaluation'")
     (run,) = runs
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == training_id
+    assert run.info.run_name == "eval val ms_flip_crf · last.pt @0"  # which checkpoint, at which iteration
+    first_shard = out / "shards" / "val" / "000000000.npz"      # the run times the evaluation, not its logging
+    assert run.info.start_time / 1000 <= first_shard.stat().st_mtime <= run.info.end_time / 1000
     assert run.data.metrics["eval/miou_seg"] == pytest.approx(summary["metrics"]["miou_seg"])
     assert "pseudo_train/miou_cam" in run.data.metrics and "eval/iou_seg/background" in run.data.metrics
     assert run.data.params["crf"] == "True"
@@ -514,3 +530,25 @@ def test_only_the_network_runs_in_bf16_the_fusion_and_softmax_in_fp32(tiny_model
                         keep_probs=True)
     torch.testing.assert_close(got.probs, by_hand[0].softmax(dim=0), rtol=0, atol=1e-6)
     assert np.array_equal(got.labels, by_hand[0].argmax(dim=0).numpy())
+
+
+def test_eval_writes_only_into_a_folder_of_its_own_and_says_when_its_run_has_no_parent(
+        checkpoint_dir, synthetic_on_disk, tmp_path, tiny_cfg, capsys):
+    import mlflow
+
+    from toco.cli import main
+
+    last = checkpoint_dir / "last.pt"
+    for folder in (checkpoint_dir, synthetic_on_disk.parent):  # a training's folder, a user's folder
+        message = cli_user_error(["eval", str(synthetic_on_disk), "--checkpoint", str(last), "--out", str(folder)],
+                                 capsys)
+        assert f"--out {folder} holds files of its own" in message
+    (checkpoint_dir / "mlflow_run_id").unlink()  # a checkpoint copied from elsewhere: its training run is unknown
+    out = tmp_path / "eval_out"
+    main(["eval", str(synthetic_on_disk), "--checkpoint", str(last), "--out", str(out), "--limit", "2"])
+    assert f"no training run is recorded beside {last}" in capsys.readouterr().err
+    main(["eval", str(synthetic_on_disk), "--checkpoint", str(last), "--out", str(out), "--limit", "2"])  # again
+    client = mlflow.MlflowClient(tiny_cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(tiny_cfg.tracking.experiment).experiment_id],
+                              "tags.kind = 'evaluation'")
+    assert len(runs) == 2 and all("mlflow.parentRunId" not in r.data.tags for r in runs)

@@ -271,24 +271,30 @@ def test_cuda_build_is_named_after_its_arches(monkeypatch, tmp_path):
     assert "-gencode=arch=compute_80,code=sm_80" in both_flags["extra_cuda_cflags"]
 
 
-def test_first_use_compile_says_so_once(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+def test_first_use_compile_says_so_once_and_any_tree_with_the_same_sources_shares_the_build(
+        monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     loads = []
     monkeypatch.setattr(kernels, "_cpp_extension", lambda: SimpleNamespace(load=lambda **kw: loads.append(kw)))
-    source = kernels.CSRC / "permutohedral_cpu.cpp"
+    trees = [tmp_path / "checkout", tmp_path / "job_copy"]  # e.g. this checkout and a Ray job's working dir
+    for tree in trees:
+        tree.mkdir()
+        (tree / "probe.cpp").write_bytes((kernels.CSRC / "permutohedral_cpu.cpp").read_bytes())
 
-    def load():
-        kernels._load("toco_probe", [source], "probe kernel", "7 s")
+    def load(tree):
+        kernels._load("toco_probe", [tree / "probe.cpp"], "probe kernel", "7 s")
         return capsys.readouterr().err
 
-    assert load().strip() == "compiling the probe kernel (first use, about 7 s)..."
-    built = tmp_path / "toco" / "toco_probe" / "toco_probe.so"
-    built.touch()
-    assert load() == ""  # built and newer than its sources: cpp_extension only imports it
-    old = source.stat().st_mtime - 10
-    os.utime(built, (old, old))  # a source edited since the build: it compiles again
-    assert "compiling the probe kernel" in load()
-    assert len(loads) == 3 and loads[0]["build_directory"] == str(built.parent)
+    assert load(trees[0]).strip() == "compiling the probe kernel (first use, about 7 s)..."
+    build = Path(loads[0]["build_directory"])
+    (build / "toco_probe.so").touch()
+    assert load(trees[0]) == "" and load(trees[1]) == ""  # built: cpp_extension only imports it, for either tree
+    assert {kw["build_directory"] for kw in loads} == {str(build)}
+    assert {tuple(kw["sources"]) for kw in loads} == {(str(build / "src" / "probe.cpp"),)}  # one path: no rebuild
+    assert (build / "src" / "probe.cpp").read_bytes() == (trees[1] / "probe.cpp").read_bytes()
+    (trees[1] / "probe.cpp").write_bytes((trees[1] / "probe.cpp").read_bytes() + b"\n// edited\n")
+    assert "compiling the probe kernel" in load(trees[1])  # other sources: a build of their own
+    assert loads[-1]["build_directory"] != str(build)
 
 
 def test_cpp_extension_import_hides_the_no_cuda_runtime_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,16 +22,25 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint's contents; never unpickles code (`weights_only=True`). CheckpointError for a missing or
-    unreadable file. `mmap` reads tensors only when they are used (a shape check reads almost nothing)."""
+    """A checkpoint's contents; never unpickles code (`weights_only=True`). CheckpointError, in our words, for a
+    missing, empty, damaged or foreign file. `mmap` reads tensors only when they are used (a shape check reads
+    almost nothing); a file in torch's legacy format, which cannot be mapped, is read whole."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its save was cut off, or it is not a checkpoint")
+    with open(path, "rb") as f:  # torch.save writes a zip archive; the legacy format is a bare pickle
+        archive = f.read(4) == b"PK\x03\x04"
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is not a readable weights-only PyTorch file: {reason}") from None
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        what = ("holds Python objects other than tensors and plain containers, and toco loads weights only (it never "
+                "runs code from a file)") if archive else "is not a PyTorch checkpoint"
+        raise CheckpointError(f"checkpoint {path} {what}") from None
+    except (RuntimeError, EOFError, ValueError):
+        what = "is damaged: truncated, or altered after it was saved" if archive else "is not a PyTorch checkpoint"
+        raise CheckpointError(f"checkpoint {path} {what}") from None
 
 
 def model_weights(state, path: str | Path) -> dict:

@@ -28,7 +28,7 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg, Path(args.config).stem, args.resume, args.workers, args.gpus_per_worker,
-                           args.address)
+                           args.address, args.overwrite)
     print(json.dumps(summary, indent=1))
     print("\n" + training_report(summary, reference_scores(cfg)))
 
@@ -112,8 +112,6 @@ def cmd_data_synth(args) -> None:
     from toco.data import DatasetError
     from toco.data.synthetic import SyntheticSource, write_synthetic
 
-    if args.train < 0 or args.val < 0:
-        raise DatasetError(f"--train and --val must be >= 0, got {args.train} and {args.val}")
     try:  # every argument checked before a folder is made
         SyntheticSource("train", 0, args.size, args.num_classes, args.seed)
     except ValueError as err:
@@ -155,10 +153,22 @@ def _package_version() -> str:
         return "unknown"
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number >= low (argparse reports anything else in one line, exit status 2)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
+    return parse
+
+
 def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=at_least(1), default=1, metavar="N",
                    help=f"{what} on N Ray workers (1 = in this process, Ray never imported)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+    p.add_argument("--gpus-per-worker", type=at_least(0, float), default=0.0, metavar="G",
                    help="GPUs each Ray worker takes (0 = CPU workers)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local one for this run)")
 
@@ -167,12 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toco", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"toco {_package_version()}")
+    parser.set_defaults(takes_overrides=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = "YAML config, e.g. experiments/synthetic.yaml"
 
     p = sub.add_parser("train", help="train ToCo, evaluate, checkpoint, log to MLflow")
     p.add_argument("config", help=config_help)
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its last.pt (same MLflow run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in output_dir (its checkpoints, summary and run id); without it a "
+                        "folder holding checkpoints is refused")
     _add_ray_args(p, "train as DDP")
     p.set_defaults(func=cmd_train)
 
@@ -187,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablation", help="train several configs from the same seeds; mean ± std per row and "
                                         "whether each row differs from the one above beyond the seed spread")
     p.add_argument("configs", nargs="+", metavar="config", help="YAML configs, trained in turn")
-    p.add_argument("--seeds", type=int, nargs="+", help="train each config once per seed (train.seed), each in "
+    p.add_argument("--seeds", type=at_least(0), nargs="+", help="train each config once per seed (train.seed), each in "
                    "<output_dir>/seed_<n>, and report mean ± std and a paired t-test between rows (default: once, "
                    "with the config's seed)")
     p.add_argument("--json", default="runs/ablation/summary.json", help="where to write every run and the table")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=at_least(1), default=1, metavar="N",
                    help="trainings at a time, each on cores / N torch threads (default 1)")
     p.set_defaults(func=cmd_ablation)
 
@@ -203,18 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
     p.add_argument("--crf-backend", default="auto", choices=["auto", "cpu", "cuda", "pydensecrf", "exact"],
                    help="where the CRF runs (auto: the GPU lattice on a GPU, else the C++ one)")
-    p.add_argument("--resize", type=int, default=None, metavar="N",
+    p.add_argument("--resize", type=at_least(0), default=None, metavar="N",
                    help="resize every image to N x N first (default: the config's data.test_resize; 0 = each "
                         "image at its own size)")
     p.add_argument("--pseudo", action="store_true", help="also score CAM / aux-CAM / PAR pseudo labels")
     p.add_argument("--pseudo-split", help="split for --pseudo (default: the config's train split)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (labelled a subset)")
+    p.add_argument("--limit", type=at_least(0), default=0, metavar="N",
+                   help="only the first N images (labelled a subset)")
     p.add_argument("--out", help="result folder (default: <checkpoint dir>/eval/<split>_<mode>)")
     p.add_argument("--save-pred", action="store_true", help="write a palette PNG per image under <out>/pred")
     p.add_argument("--save-probs", action="store_true",
                    help="write each image's class probabilities (uint8, compressed) under <out>/probs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
-    p.add_argument("--shard-size", type=int, default=32, metavar="N",
+    p.add_argument("--shard-size", type=at_least(1), default=32, metavar="N",
                    help="images per shard: the unit of work of a worker and of --resume")
     _add_ray_args(p, "evaluate")
     p.set_defaults(func=cmd_eval)
@@ -226,28 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training config (default: config.yaml beside the checkpoint)")
     p.add_argument("--ms", action="store_true", help="multi-scale + flip")
     p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
-    p.add_argument("--max-side", type=int, default=None, metavar="N",
+    p.add_argument("--max-side", type=at_least(0), default=None, metavar="N",
                    help="downscale images whose long side exceeds N (default: the config's data.val_size; 0 = never)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prediction in --out")
-    p.add_argument("--shard-size", type=int, default=32, metavar="N", help="images per shard")
+    p.add_argument("--shard-size", type=at_least(1), default=32, metavar="N", help="images per shard")
     _add_ray_args(p, "predict")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export-encoder", help="save a checkpoint's encoder as a model.pretrained_file for other runs")
     p.add_argument("checkpoint", help="a training checkpoint, e.g. runs/pretext/synthetic/last.pt")
     p.add_argument("out", help="weights file to write")
-    p.set_defaults(func=cmd_export_encoder)
+    p.set_defaults(func=cmd_export_encoder, takes_overrides=False)
 
     data = sub.add_parser("data", help="datasets: write the synthetic one, check a real one").add_subparsers(
         dest="data_command", required=True, metavar="COMMAND")
     p = data.add_parser("synth", help="write the synthetic benchmark in the VOC layout")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=2000, help="training images")
-    p.add_argument("--val", type=int, default=200, help="validation images")
+    p.add_argument("--train", type=at_least(0), default=2000, help="training images")
+    p.add_argument("--val", type=at_least(0), default=200, help="validation images")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (>= 16)")
     p.add_argument("--num-classes", type=int, default=5, help="including background: 2..82 (VOC has 21, COCO 81)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.set_defaults(func=cmd_data_synth)
+    p.add_argument("--seed", type=at_least(0), default=0, help="generator seed")
+    p.set_defaults(func=cmd_data_synth, takes_overrides=False)
     p = data.add_parser("check", help="read every image and mask of a config's train and val splits")
     p.add_argument("config", help=config_help)
     p.set_defaults(func=cmd_data_check)
@@ -266,12 +281,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overrides = [a for a in argv if OVERRIDE.match(a)]
     args = build_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
     args.overrides = overrides
+    args.command_line = " ".join(filter(None, (args.command, getattr(args, "data_command", None),
+                                               getattr(args, "config_command", None))))
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        if args.overrides and not args.takes_overrides:
+            raise UserError(f"{args.command_line} reads no config, so it takes no key=value overrides; got "
+                            f"{' '.join(args.overrides)} (its options: toco {args.command_line} --help)")
         args.func(args)
     except UserError as err:
         if os.environ.get("TOCO_DEBUG") == "1":

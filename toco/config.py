@@ -199,6 +199,68 @@ class Config:
         return self.train.val_split or self.data.val_split
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take (each element's, for a list): low/high None = unbounded."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False               # low itself is excluded
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        return ((self.low is None or value > self.low or (value == self.low and not self.low_open))
+                and (self.high is None or value < self.high or (value == self.high and not self.high_open)))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+COUNT, POSITIVE_INT, POSITIVE, NONNEGATIVE = Range(0), Range(1), Range(0, low_open=True), Range(0)
+FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+# every numeric key with a range (tests/test_config.py checks that each numeric key is here or in UNBOUNDED):
+# a value outside fails when it is set, naming the key, before any work starts
+RANGES = {
+    "data.num_classes": Range(2), "data.crop_size": POSITIVE_INT, "data.rescale_range": POSITIVE,
+    "data.local_crop_size": POSITIVE_INT, "data.num_local_crops": POSITIVE_INT, "data.val_size": POSITIVE_INT,
+    "data.test_resize": POSITIVE_INT, "data.num_workers": COUNT, "data.synth_size": Range(16),
+    "data.synth_train": COUNT, "data.synth_val": COUNT, "data.synth_seed": COUNT,
+    "model.conv_stem": POSITIVE_INT, "model.attention_window": COUNT, "model.decoder_channels": POSITIVE_INT,
+    "model.decoder_dilation": POSITIVE_INT, "model.proj_hidden": POSITIVE_INT,
+    "model.proj_bottleneck": POSITIVE_INT, "model.proj_out": POSITIVE_INT,
+    "loss.w_ptc": NONNEGATIVE, "loss.w_ctc": NONNEGATIVE, "loss.w_seg": NONNEGATIVE, "loss.w_reg": NONNEGATIVE,
+    "loss.ctc_temperature": POSITIVE, "loss.ema_momentum": FRACTION, "loss.seg_start": COUNT,
+    "loss.ptc_ctc_start": COUNT, "loss.cam_source_until": COUNT, "loss.reg_sigma_rgb": POSITIVE,
+    "loss.reg_sigma_xy": POSITIVE, "loss.reg_downscale": Range(0, 1, low_open=True),
+    "loss.reg_energy_scale": NONNEGATIVE,
+    "pseudo.cam_scales": POSITIVE, "pseudo.bkg_thre": FRACTION, "pseudo.high_thre": FRACTION,
+    "pseudo.low_thre": FRACTION, "pseudo.uncertain_ratio": FRACTION, "pseudo.par_dilations": POSITIVE_INT,
+    "pseudo.par_iters": COUNT,
+    "optim.lr": POSITIVE, "optim.head_lr_mult": NONNEGATIVE, "optim.decoder_lr_mult": NONNEGATIVE,
+    "optim.decoder_warmup_iters": COUNT, "optim.weight_decay": NONNEGATIVE, "optim.betas": FRACTION_BELOW_1,
+    "optim.eps": POSITIVE, "optim.warmup_iters": COUNT, "optim.warmup_ratio": Range(0, 1, low_open=True),
+    "optim.power": NONNEGATIVE,
+    "train.max_iters": POSITIVE_INT, "train.batch_size": POSITIVE_INT, "train.eval_every": POSITIVE_INT,
+    "train.log_every": POSITIVE_INT, "train.ckpt_every": POSITIVE_INT, "train.seed": COUNT,
+    "train.init_seed": COUNT, "train.order_seed": COUNT, "train.augment_seed": COUNT, "train.crop_seed": COUNT,
+    "train.threads": COUNT, "train.val_limit": COUNT, "train.final_val_limit": COUNT,
+    "train.ema_decay": FRACTION_BELOW_1,
+}
+UNBOUNDED = {"model.aux_layer"}  # a negative block index counts from the last block (checked by the model)
+
+
+def _check_range(key: str, value: Any) -> None:
+    allowed = RANGES.get(key)
+    values = value if isinstance(value, tuple) else (value,)
+    if allowed and any(isinstance(v, (int, float)) and not isinstance(v, bool) and not allowed.holds(v)
+                       for v in values):
+        raise ConfigError(f"config key {key!r}: {value!r} is out of range; it must be {str(allowed)}"
+                          + (" for every element" if isinstance(value, tuple) else ""))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
     origin = typing.get_origin(tp)
@@ -262,6 +324,9 @@ def _apply(obj: Any, updates: dict, folder: Path | None, prefix: str = "") -> No
             _apply(current, value, folder, path + ".")
             continue
         value = _coerce(value, hints[key], path)
+        if isinstance(current, dict):  # a mapping value merges key by key, as a section does (a.b.c=1 sets c only)
+            value = {**current, **value}
+        _check_range(path, value)
         if fields[key].metadata.get("input_path") and value and folder is not None and not Path(value).is_absolute():
             value = os.path.normpath(folder / value)
         setattr(obj, key, value)
@@ -301,7 +366,8 @@ def _split_override(item: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({err.problem})") from None
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]  # a ReaderError has no `problem`
+        raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({reason})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -315,7 +381,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         _apply(cfg, layer, folder)
     if overrides:
         _apply(cfg, _nest(overrides), Path("."))
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Ranges that two values make together."""
+    low, high = cfg.data.rescale_range
+    if low > high:
+        raise ConfigError(f"config key 'data.rescale_range': {[low, high]} must be [low, high] with low <= high")
+    if cfg.pseudo.low_thre > cfg.pseudo.high_thre:
+        raise ConfigError(f"config keys 'pseudo.low_thre' ({cfg.pseudo.low_thre}) and 'pseudo.high_thre' "
+                          f"({cfg.pseudo.high_thre}): the low threshold must not exceed the high one")
 
 
 def _yaml_chain(path: Path) -> list[tuple[Path, dict]]:

@@ -1,7 +1,7 @@
 """Build and load the native kernels in `csrc/` (JIT, `torch.utils.cpp_extension.load`).
 
-The first use compiles an extension into a build directory that is reused afterwards: `$TORCH_EXTENSIONS_DIR/toco`
-when that variable is set, else `~/.cache/toco/ext`. A line on stderr says when a compile starts and about how
+The first use compiles an extension into a build directory that is reused afterwards, one per content of the
+sources (`_staged`), under `$TORCH_EXTENSIONS_DIR/toco` when that variable is set, else `~/.cache/toco/ext`. A line on stderr says when a compile starts and about how
 long it takes (about 1 min for the CPU kernel, 2-5 min for the CUDA one, on 2 cores). `load_cpu()` / `load_cuda()`
 return the module or raise `KernelBuildError` with the compiler's reason; a build is tried once per process, and
 a failure is raised again on every later call. What a failed build falls back to is the caller's choice
@@ -85,13 +85,21 @@ def _cpp_extension():
     return cpp_extension
 
 
-def _needs_compile(build_dir: Path, name: str, sources: list[Path]) -> bool:
-    """Whether loading will compile: no built module yet, or one older than a source or header."""
-    built = build_dir / f"{name}.so"
-    if not built.exists():
-        return True
-    newest = max(p.stat().st_mtime for p in [*sources, *CSRC.glob("*.h")])
-    return built.stat().st_mtime < newest
+def _staged(name: str, sources: list[Path]) -> tuple[Path, list[Path]]:
+    """(the build folder, the sources in it): the sources and headers are copied into a folder named after their
+    content, so every tree with the same kernels (a checkout, bench-check's reference copy, a Ray job's working
+    dir) shares one build, and none recompiles another's by building from a path of its own."""
+    from toco.files import atomic_write_bytes
+
+    files = [*sources, *sorted(CSRC.glob("*.h"))]
+    digest = hashlib.sha1(b"".join(f.name.encode() + b"\0" + f.read_bytes() for f in files)).hexdigest()[:10]
+    build_dir = build_root() / f"{name}_{digest}"
+    for f in files:
+        staged = build_dir / "src" / f.name
+        if not staged.exists():  # written whole or not at all: processes may stage the same folder at once
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(staged, f.read_bytes())
+    return build_dir, [build_dir / "src" / s.name for s in sources]
 
 
 def _load(name: str, sources: list[Path], what: str, compile_time: str, **kwargs):
@@ -99,15 +107,14 @@ def _load(name: str, sources: list[Path], what: str, compile_time: str, **kwargs
     if missing:
         raise KernelBuildError(f"kernel sources missing: {missing}")
     cpp_extension = _cpp_extension()
-    build_dir = build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if _needs_compile(build_dir, name, sources):
+    build_dir, staged = _staged(name, sources)
+    if not (build_dir / f"{name}.so").exists():
         from tqdm import tqdm
 
         tqdm.write(f"compiling the {what} (first use, about {compile_time})...", file=sys.stderr)
     try:
-        return cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
-                                  build_directory=str(build_dir), **kwargs)
+        return cpp_extension.load(name=name, sources=[str(s) for s in staged],
+                                  extra_include_paths=[str(staged[0].parent)], build_directory=str(build_dir), **kwargs)
     except Exception as err:  # compiler missing, compile error, import error: all mean "no native kernel"
         raise KernelBuildError(f"building {name} in {build_dir} failed: {err}") from err
 

@@ -41,14 +41,49 @@ def check_before_run(cfg: Config, resume: str | Path | None = None, workers: int
         raise ConfigError(f"model.pretrained_file {model_cfg.pretrained_file!r} does not exist")
     try:
         with torch.device("meta"):
-            build_model(dataclasses.replace(model_cfg, pretrained=False), cfg.data.num_classes)
+            model = build_model(dataclasses.replace(model_cfg, pretrained=False), cfg.data.num_classes)
     except (RuntimeError, TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"model.backbone {model_cfg.backbone!r} with {model_cfg.backbone_kwargs}: {err}") from None
+    _check_sizes(cfg, model.patch_size)
     if resume:
         check_checkpoint_fits(cfg, resume, resumable=True)
     if cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be a multiple of "
                           f"the {workers} workers")
+
+
+EARLIER_RUN_FILES = ("last.pt", "best.pt", "summary.json", RUN_ID_FILE)  # what --overwrite removes
+
+
+def claim_output_dir(cfg: Config, resume: str | Path | None, overwrite: bool) -> None:
+    """A training never replaces an earlier run's checkpoints unasked: output_dir holding last.pt or best.pt needs
+    --resume (continue that run) or --overwrite (which removes the earlier run's checkpoints, summary and run id
+    first, so nothing of it is mistaken for the new run's)."""
+    folder = Path(cfg.output_dir)
+    found = [name for name in EARLIER_RUN_FILES[:2] if (folder / name).is_file()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir {folder} holds an earlier run's checkpoints ({', '.join(found)}): "
+                          f"--resume {folder / 'last.pt'} continues it, --overwrite replaces it, "
+                          f"output_dir=OTHER trains beside it")
+    for name in EARLIER_RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def _check_sizes(cfg: Config, patch: int) -> None:
+    """Every view the training feeds the network holds at least one patch, and the local crops fit in the crop."""
+    data, smallest_scale = cfg.data, min(cfg.pseudo.cam_scales)
+    views = {"data.crop_size": data.crop_size, "data.local_crop_size": data.local_crop_size,
+             "data.val_size": data.val_size,
+             "data.crop_size x min(pseudo.cam_scales)": int(data.crop_size * smallest_scale),
+             "data.val_size x min(pseudo.cam_scales)": int(data.val_size * smallest_scale)}
+    for what, size in views.items():
+        if size < patch:
+            raise ConfigError(f"{what} = {size} px is smaller than one {patch}-px patch of the model")
+    if data.local_crop_size > data.crop_size:
+        raise ConfigError(f"data.local_crop_size={data.local_crop_size} exceeds data.crop_size={data.crop_size}: "
+                          f"local crops are cut from the crop")
 
 
 def run_name(cfg: Config, label: str) -> str:
@@ -81,6 +116,8 @@ def tracked_run(cfg: Config, out_dir: str | Path, name: str, resume: bool = Fals
 
     out_dir = Path(out_dir)
     logger = NullLogger()
+    if not resume:  # an id left by an earlier run in this folder is not this run's
+        (out_dir / RUN_ID_FILE).unlink(missing_ok=True)
     if cfg.tracking.enabled:
         from toco.tracking import MLflowLogger
 
@@ -112,11 +149,13 @@ def continue_run(cfg: Config, run_id: str):
 
 
 def run_training(cfg: Config, label: str | None = None, resume: str | None = None, workers: int = 1,
-                 gpus_per_worker: float = 0.0, address: str | None = None) -> dict:
+                 gpus_per_worker: float = 0.0, address: str | None = None, overwrite: bool = False) -> dict:
     """Train `cfg` in a tracked run named after `label` (the config's name; default: the experiment's); with
-    workers > 1 as DDP workers under Ray Train (toco.distributed.train). Returns the run's summary."""
+    workers > 1 as DDP workers under Ray Train (toco.distributed.train). An output_dir holding an earlier run's
+    checkpoints needs `resume` or `overwrite` (claim_output_dir). Returns the run's summary."""
     label = label or cfg.tracking.experiment
     check_before_run(cfg, resume, workers)
+    claim_output_dir(cfg, resume, overwrite)
     split = cfg.validation_split
     final = cfg.train.last_val_limit
     limits = f", first {cfg.train.val_limit}" if cfg.train.val_limit else ""
@@ -166,57 +205,89 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_
                         workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
                         resume: bool = False) -> tuple[list, str | None]:
     """`toco eval`: score a checkpoint on `split` (and its pseudo labels on `pseudo_split`), write each result
-    folder, and log one MLflow run nested under the training that made the checkpoint. Returns ([(job, folder,
-    outcome, summary)], the run id)."""
+    folder, all inside one MLflow run nested under the training that made the checkpoint (its duration is the
+    evaluation's). Returns ([(job, folder, outcome, summary)], the run id)."""
     import dataclasses
 
     from toco.checkpoint import check_checkpoint_fits
-    from toco.evaluation import PSEUDO_LABELS, EvalJob, run_evaluation, write_results
+    from toco.evaluation import PSEUDO_LABELS, EvalJob, run_evaluation, subset_note, write_results
 
     out_dir = Path(out_dir)
     check_checkpoint_fits(cfg, checkpoint)
+    held = sorted(out_dir.iterdir()) if out_dir.is_dir() and not (out_dir / "shards").is_dir() else []
+    if held:  # a user's folder, or a training's: an evaluation writes summary.json, samples.png, ... there
+        raise ConfigError(f"--out {out_dir} holds files of its own ({held[0].name}"
+                          + (f" and {len(held) - 1} more" if len(held) > 1 else "")
+                          + "): an evaluation writes into a new folder or an earlier evaluation's")
     jobs = [EvalJob(cfg, checkpoint, split, ("seg",), settings, str(out_dir), name=split, limit=limit,
                     save_pred=save_pred, save_probs=save_probs, shard_size=shard_size)]
     if pseudo_split:
         jobs.append(EvalJob(cfg, checkpoint, pseudo_split, PSEUDO_LABELS, settings, str(out_dir),
                             name=f"pseudo_{pseudo_split}", limit=limit, shard_size=shard_size))
-    for job in jobs:
-        job.source()  # every split exists and fits the config before the first image is scored
+    total = [len(job.source()) for job in jobs][0]  # every split exists and fits before the first image is scored
+    subset = subset_note(cfg, split, min(total, limit) if limit else total, total)
     score_shards = _shard_scorer(workers, gpus_per_worker, address)
-    results = []
-    for job in jobs:
-        outcome = run_evaluation(job, resume, desc=job.name, score_shards=score_shards)
-        folder = out_dir if job is jobs[0] else out_dir / job.name
-        info = dict(split=job.split, subset=outcome.subset, checkpoint=str(Path(checkpoint).resolve()),
-                    dataset=cfg.data.name, backbone=cfg.model.backbone, test_time=dataclasses.asdict(settings),
-                    workers=workers, images_per_s=round(outcome.images_per_s, 3),
-                    worker_peak_rss_mib=round(outcome.worker_peak_rss_mib, 1))
-        if save_probs:
-            info["probs_bytes_per_image"] = round(outcome.probs_bytes / max(outcome.scores.images, 1))
-        results.append((job, folder, outcome, write_results(folder, outcome.scores, outcome.samples,
-                                                            outcome.class_names, info)))
-    run_id = _log_evaluation(cfg, checkpoint, out_dir, results) if cfg.tracking.enabled else None
-    return results, run_id
+    parent = read_run_id(Path(checkpoint).parent)
+    if cfg.tracking.enabled and not parent:
+        print(f"toco eval: no training run is recorded beside {checkpoint} ({RUN_ID_FILE}): this evaluation is a "
+              f"top-level run", file=sys.stderr)
+    name = f"eval {split} {settings.name} · {checkpoint_label(checkpoint)}" + (" [subset]" if subset else "")
+    tags = {"kind": "evaluation", "checkpoint": str(Path(checkpoint).resolve()), "split": split,
+            "subset": subset or "no"}
+    with tracked_run(cfg, out_dir, name, tags=tags, parent_run_id=parent, log_config=False) as run:
+        results = []
+        for job in jobs:
+            outcome = run_evaluation(job, resume, desc=job.name, score_shards=score_shards)
+            folder = out_dir if job is jobs[0] else out_dir / job.name
+            info = dict(split=job.split, subset=outcome.subset, checkpoint=tags["checkpoint"],
+                        dataset=cfg.data.name, backbone=cfg.model.backbone, test_time=dataclasses.asdict(settings),
+                        workers=workers, images_per_s=round(outcome.images_per_s, 3),
+                        worker_peak_rss_mib=round(outcome.worker_peak_rss_mib, 1))
+            if save_probs:
+                info["probs_bytes_per_image"] = round(outcome.probs_bytes / max(outcome.scores.images, 1))
+            results.append((job, folder, outcome, write_results(folder, outcome.scores, outcome.samples,
+                                                                outcome.class_names, info)))
+        _log_evaluation(run.logger, out_dir, results)
+        run.summary = dict(results[0][3])
+    return results, run.run_id
 
 
-def _log_evaluation(cfg: Config, checkpoint: str, out_dir: Path, results) -> str:
-    """One MLflow run per evaluation, nested under the training run that made the checkpoint."""
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """'last.pt @1500': the file and the iteration it holds, for run names."""
+    from toco.checkpoint import load_checkpoint
+
+    iteration = load_checkpoint(checkpoint, mmap=True).get("iteration")
+    return Path(checkpoint).name + (f" @{iteration}" if iteration is not None else "")
+
+
+def _log_evaluation(logger, out_dir: Path, results) -> None:
+    """The evaluation's params, metrics, per-class IoU and pictures into its run."""
     job, folder, outcome, summary = results[0]
-    name = f"eval {job.split} {job.settings.name}" + (" [subset]" if outcome.subset else "")
     prefix = "eval_subset/" if outcome.subset else "eval/"
-    tags = {"kind": "evaluation", "checkpoint": summary["checkpoint"], "split": job.split,
-            "subset": outcome.subset or "no"}
-    with tracked_run(cfg, out_dir, name, tags=tags, parent_run_id=read_run_id(Path(checkpoint).parent),
-                     log_config=False) as run:
-        run.logger.log_params(dict(split=job.split, images=outcome.scores.images, workers=summary["workers"],
-                                   **summary["test_time"]))
-        for job, folder, outcome, summary in results:
-            scope = prefix if job.metrics == ("seg",) else f"pseudo_{job.split}/"
-            metrics = dict(summary["metrics"], images_per_s=summary["images_per_s"])
-            run.logger.log_evaluation(folder, metrics, summary["per_class_iou"], 0, scope,
-                                      artifact_path=None if folder == out_dir else folder.name)
-        run.summary = results[0][3]
-    return run.run_id
+    logger.log_params(dict(split=job.split, images=outcome.scores.images, workers=summary["workers"],
+                           **summary["test_time"]))
+    for job, folder, outcome, summary in results:
+        scope = prefix if job.metrics == ("seg",) else f"pseudo_{job.split}/"
+        metrics = dict(summary["metrics"], images_per_s=summary["images_per_s"])
+        logger.log_evaluation(folder, metrics, summary["per_class_iou"], 0, scope,
+                              artifact_path=None if folder == out_dir else folder.name)
+
+
+def _refuse_to_replace(out: Path, inputs: list[str], names: list[str], resume: bool) -> None:
+    """`toco predict` writes <name>.png and <name>_overlay.png into `out`: never over an input image, and over
+    files already there only when continuing a prediction (--resume)."""
+    folder = out.resolve()
+    inside = [p for p in inputs if folder == Path(p).resolve().parent or folder in Path(p).resolve().parents]
+    if inside:
+        raise ConfigError(f"--out {out} holds the input image {inside[0]}"
+                          + (f" and {len(inside) - 1} more" if len(inside) > 1 else "")
+                          + ": predictions are written there; choose a folder apart from the inputs")
+    if resume:
+        return
+    taken = [f for name in names for f in (f"{name}.png", f"{name}_overlay.png") if (out / f).exists()]
+    if taken or (out / "class_shares.json").exists():
+        raise ConfigError(f"--out {out} already holds {(taken or ['class_shares.json'])[0]}, which this prediction "
+                          f"would replace: --resume continues a prediction there, or choose an empty folder")
 
 
 def predict_files(cfg: Config, checkpoint: str, paths: list[str], settings, out_dir: str | Path,
@@ -231,6 +302,7 @@ def predict_files(cfg: Config, checkpoint: str, paths: list[str], settings, out_
     check_checkpoint_fits(cfg, checkpoint)
     job = EvalJob(cfg, checkpoint, None, (), settings, str(out_dir), name="predict", files=paths,
                   class_names=class_names(cfg.data), save_pred=True, keep=0, shard_size=shard_size)
+    _refuse_to_replace(Path(out_dir), paths, job.source().names, resume)
     outcome = run_evaluation(job, resume, desc="predict", score_shards=_shard_scorer(workers, gpus_per_worker, address))
     (Path(out_dir) / "class_shares.json").write_text(json.dumps(outcome.shares, indent=1))
     return outcome

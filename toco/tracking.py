@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -148,6 +149,8 @@ class MLflowLogger:
                 tags["mlflow.parentRunId"] = parent_run_id
             except Exception:  # the parent lives in another store: keep the link as a plain tag
                 tags["parent_run_id"] = parent_run_id
+                print(f"toco: run {parent_run_id}, which this run belongs under, is not in {tracking.tracking_uri}: "
+                      f"this is a top-level run (its tag parent_run_id keeps the link)", file=sys.stderr)
         self.run = mlflow.start_run(run_id=run_id, experiment_id=exp_id if run_id is None else None,
                                     run_name=run_name or tracking.run_name, nested=mlflow.active_run() is not None)
         self.run_id = self.run.info.run_id

@@ -552,3 +552,24 @@ def test_eval_writes_only_into_a_folder_of_its_own_and_says_when_its_run_has_no_
     runs = client.search_runs([client.get_experiment_by_name(tiny_cfg.tracking.experiment).experiment_id],
                               "tags.kind = 'evaluation'")
     assert len(runs) == 2 and all("mlflow.parentRunId" not in r.data.tags for r in runs)
+
+
+def test_label_pictures_name_their_classes_and_the_confusion_matrix_shows_its_shares(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from toco import viz
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    names = ["background", "cat", "dog", "bird"]
+    gt, pred = np.array([[0, 1], [1, 255]]), np.array([[0, 3], [1, 1]])
+    legend = viz.class_legend([gt, pred], names)
+    assert [name for name, _ in legend] == ["background", "cat", "bird"]  # the classes shown; ignore (255) is none
+    np.testing.assert_allclose(legend[2][1], viz.voc_palette()[3] / 255)  # bird in its palette colour
+    viz.picture_grid([[viz.colorize(gt), viz.colorize(pred)]], ["ground truth", "prediction"], tmp_path / "g.png",
+                     legend)
+    assert [t.get_text() for t in figures[0].legends[0].get_texts()] == ["background", "cat", "bird"]
+    matrix = np.array([[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]])
+    viz.confusion_plot(matrix, names, tmp_path / "c.png")
+    cells = {(tuple(t.get_position()), t.get_text()) for t in figures[1].axes[0].texts}
+    assert cells == {((0, 0), "75"), ((1, 0), "25"), ((1, 1), "100"), ((0, 3), "50"), ((3, 3), "50")}

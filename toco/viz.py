@@ -49,14 +49,25 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
     return np.where((label == 0)[..., None], image, blend).astype(np.uint8)
 
 
-def picture_grid(rows: list[list[np.ndarray]], titles: list[str], path: str | Path) -> None:
-    """One row per image: image | CAM | pseudo label | prediction | ground truth (all (H, W, 3) uint8)."""
+def class_legend(labels: list[np.ndarray], class_names) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB colour in [0, 1]) of every class that appears in `labels`, in class order (ignore excluded)."""
+    present = sorted(set().union(*(np.unique(label).tolist() for label in labels)) - {255})
+    palette = voc_palette()
+    return [(class_names[c] if c < len(class_names) else str(c), palette[c] / 255) for c in present]
+
+
+def picture_grid(rows: list[list[np.ndarray]], titles: list[str], path: str | Path,
+                 legend: list[tuple[str, np.ndarray]] = ()) -> None:
+    """One row per image: image | CAM | pseudo label | prediction | ground truth (all (H, W, 3) uint8), and below
+    them the colour of each class shown (`legend`, from class_legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.2 * len(titles), 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2.2 * len(titles), 2.2 * len(rows) + 0.4 * bool(legend)),
+                             squeeze=False)
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             axes[r, c].imshow(panel)
@@ -64,25 +75,36 @@ def picture_grid(rows: list[list[np.ndarray]], titles: list[str], path: str | Pa
             if r == 0:
                 axes[r, c].set_title(titles[c], fontsize=9)
     fig.tight_layout()
+    if legend:
+        fig.legend(handles=[Patch(color=colour, label=name) for name, colour in legend], loc="lower center",
+                   ncol=min(len(legend), 6), fontsize=7, frameon=False)
+        fig.subplots_adjust(bottom=0.4 / fig.get_figheight() + 0.02 * (1 + len(legend) // 6))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def confusion_plot(matrix: np.ndarray, class_names: list[str], path: str | Path) -> None:
-    """Row-normalised confusion matrix (rows = ground truth)."""
+    """Row-normalised confusion matrix (rows = ground truth), each cell's share printed in it when there are at
+    most 30 classes (beyond that the numbers would not fit)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.35 * len(class_names))
+    n = len(class_names)
+    size = max(4.0, 0.35 * n)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    if n <= 30:
+        for (i, j), share in np.ndenumerate(norm):
+            if share >= 0.005:
+                ax.text(j, i, f"{100 * share:.0f}", ha="center", va="center", fontsize=7 if n <= 12 else 5,
+                        color="white" if share > 0.5 else "black")
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
     ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
+    ax.set_ylabel("ground truth" + (" (cells: % of the row)" if n <= 30 else ""))
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -54,14 +54,16 @@ def write_results(folder: str | Path, scores: Scores, samples: list[dict], class
         if cm.matrix.sum():
             viz.confusion_plot(cm.matrix, class_names, folder / f"confusion_{m}.png")
     if samples:
-        picture_grid(samples, folder / "samples.png")
+        picture_grid(samples, folder / "samples.png", class_names)
     return summary
 
 
-def picture_grid(samples: list[dict], path: Path) -> None:
-    """One row per image: image | CAM | CAM label | prediction | ground truth (the columns that exist)."""
+def picture_grid(samples: list[dict], path: Path, class_names) -> None:
+    """One row per image: image | CAM | CAM label | prediction | ground truth (the columns that exist), with the
+    colours of the classes the label panels show."""
     columns = [("image", "image", lambda v: v), ("cam", "CAM", viz.heatmap), ("cam_label", "pseudo label", viz.colorize),
                ("pred", "prediction", viz.colorize), ("gt", "ground truth", viz.colorize)]
     present = [c for c in columns if all(s.get(c[0]) is not None for s in samples)]
     rows = [[show(np.asarray(s[key])) for key, _, show in present] for s in samples]
-    viz.picture_grid(rows, [title for _, title, _ in present], path)
+    labels = [np.asarray(s[key]) for s in samples for key, _, show in present if show is viz.colorize]
+    viz.picture_grid(rows, [title for _, title, _ in present], path, viz.class_legend(labels, class_names))

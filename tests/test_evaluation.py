@@ -360,6 +360,8 @@ def test_eval_cli_writes_the_summary_and_an_evaluation_run_nested_under_its_trai
     (run,) = runs
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == training_id
     assert run.info.run_name == "eval val ms_flip_crf · last.pt @0"  # which checkpoint, at which iteration
+    # the UI opens the experiment in its model-training view
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     first_shard = out / "shards" / "val" / "000000000.npz"      # the run times the evaluation, not its logging
     assert run.info.start_time / 1000 <= first_shard.stat().st_mtime <= run.info.end_time / 1000
     assert run.data.metrics["eval/miou_seg"] == pytest.approx(summary["metrics"]["miou_seg"])

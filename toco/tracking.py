@@ -60,6 +60,9 @@ def retry_locked(call, attempts: int = 6):
             time.sleep(0.5 * 2 ** attempt)
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
     """Point mlflow at the store and return the experiment id, creating both on first use."""
     import mlflow
@@ -71,7 +74,8 @@ def setup_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
             return found.experiment_id
         location = Path(artifact_root).resolve()
         location.mkdir(parents=True, exist_ok=True)
-        return mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+        # MLflow 3's UI opens an experiment of this kind in its model-training view (runs, charts), not the GenAI one
+        return mlflow.create_experiment(experiment, artifact_location=location.as_uri(), tags=EXPERIMENT_KIND)
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict | None = None) -> None:

@@ -474,3 +474,12 @@ def test_the_decoder_can_take_its_own_learning_rate(tiny_cfg):
     lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
     assert lrs["decoder"] == pytest.approx(2 * tiny_cfg.optim.lr)
     assert lrs["heads"] == pytest.approx(tiny_cfg.optim.head_lr_mult * tiny_cfg.optim.lr)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_training_on_the_gpu_logs_its_peak_memory(tiny_cfg, tmp_path):
+    tiny_cfg.output_dir, tiny_cfg.train.device = str(tmp_path / "run"), "cuda"
+    torch.cuda.reset_peak_memory_stats()
+    metrics = Trainer(tiny_cfg).fit().metrics
+    assert 0 < metrics["train/gpu_peak_mib"] == pytest.approx(torch.cuda.max_memory_allocated() / 2 ** 20, rel=0.5)

@@ -214,9 +214,13 @@ class Trainer:
             if log_step:
                 rate = (self.iteration - tick_iter) / (time.perf_counter() - tick)
                 logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in window.items() if k != "total"}
-                progress.set_postfix(loss=f"{float(torch.stack(window['total']).mean()):.3f}", refresh=False)
                 logged.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
                 logged["train/iters_per_s"] = rate
+                shown = {"loss": f"{float(torch.stack(window['total']).mean()):.3f}"}
+                if self.device.type == "cuda":  # the peak so far: what a larger batch or crop would have to fit in
+                    logged["train/gpu_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+                    shown["gpu"] = f"{logged['train/gpu_peak_mib']:.0f}MiB"
+                progress.set_postfix(shown, refresh=False)
                 if self.is_main:
                     self.logger.log_metrics(logged, self.iteration)
                 latest.update(logged)

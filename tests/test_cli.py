@@ -151,3 +151,40 @@ def test_every_flag_has_help_and_enumerated_flags_have_choices():
         assert action.help, f"{prog} {action.option_strings or action.dest} has no help text"
     crf_backend = next(a for p, a in actions if "--crf-backend" in a.option_strings)
     assert set(crf_backend.choices) == {"auto", "cpu", "cuda", "pydensecrf", "exact"}
+
+
+def test_runs_compares_configurations_over_their_seeds(tmp_path, capsys):
+    """`toco runs` groups training runs by config keys into mean ± sample std over seeds, leaves evaluations out,
+    filters with MLflow's syntax, and exports CSV without replacing a file unasked."""
+    import csv
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("ablation", artifact_location=(tmp_path / "artifacts").as_uri())
+    for ctc, seed, seg in [("True", 0, 0.70), ("True", 1, 0.74), ("True", 2, 0.72), ("False", 0, 0.60),
+                           ("False", 1, 0.62)]:
+        run = client.create_run(experiment, run_name=f"ctc {ctc} seed {seed}")
+        client.log_param(run.info.run_id, "loss.use_ctc", ctc)
+        client.log_param(run.info.run_id, "train.seed", str(seed))
+        client.log_metric(run.info.run_id, "val/miou_seg", 0.1, step=1)  # an earlier validation: not the last
+        client.log_metric(run.info.run_id, "val/miou_seg", seg, step=2)
+        client.set_terminated(run.info.run_id)
+    evaluation = client.create_run(experiment, run_name="eval", tags={"kind": "evaluation"})
+    client.log_metric(evaluation.info.run_id, "val/miou_seg", 0.0)
+    store = f"tracking.tracking_uri={uri}"
+
+    main(["runs", "--experiment", "ablation", "--group-by", "loss.use_ctc", "--metrics", "val/miou_seg", store])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| loss.use_ctc | runs | seeds | val/miou_seg |"
+    assert lines[2:] == ["| True | 3 | 0 1 2 | 0.7200 ± 0.0200 |", "| False | 2 | 0 1 | 0.6100 ± 0.0141 |"]
+    main(["runs", "--filter", "params.loss.use_ctc = 'False'", "--metrics", "val/miou_seg", store])
+    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]] == [
+        "| ctc False seed 0", "| ctc False seed 1"]
+    out = tmp_path / "table.csv"
+    main(["runs", "--group-by", "loss.use_ctc", "train.seed", "--format", "csv", "--out", str(out), store])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and rows[0]["val/miou_seg"] == "0.7000" and rows[0]["val/miou_cam"] == "-"
+    assert "--overwrite" in cli_user_error(["runs", "--out", str(out), store], capsys)
+    assert "no experiment nope" in cli_user_error(["runs", "--experiment", "nope", store], capsys)

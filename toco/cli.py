@@ -101,6 +101,40 @@ def cmd_predict(args) -> None:
         sys.exit(f"{len(outcome.skipped)} of {len(paths)} images could not be read")
 
 
+def cmd_runs(args) -> None:
+    """List and compare the training runs of an MLflow store, one row per run or per configuration (seeds as
+    mean ± std), as Markdown or CSV (docs/tracking.md)."""
+    import csv
+    import io
+
+    from toco.config import Config, flatten
+    from toco.report import markdown, runs_table
+    from toco.tracking import find_runs
+
+    known = flatten(Config())
+    unknown = [k for k in args.group_by if k not in known]
+    if unknown:
+        raise UserError(f"--group-by {' '.join(unknown)}: not a config key (e.g. loss.use_ctc, optim.lr)")
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists: --overwrite replaces it")
+    tracking = load_config(None, args.overrides).tracking
+    rows = runs_table(find_runs(tracking.tracking_uri, args.experiment, args.filter), args.metrics, args.group_by)
+    if args.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    else:
+        text = markdown(rows) + "\n"
+    if out:
+        out.write_text(text)
+        print(f"wrote {len(rows)} rows to {out}")
+    else:
+        print(text, end="")
+
+
 def cmd_export_encoder(args) -> None:
     from toco.checkpoint import export_encoder
 
@@ -247,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=at_least(1), default=32, metavar="N", help="images per shard")
     _add_ray_args(p, "predict")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("runs", help="list and compare training runs of the MLflow store: a row per run, or per "
+                                     "configuration with its seeds as mean ± std; Markdown or CSV")
+    p.add_argument("--experiment", nargs="+", default=[], metavar="NAME", help="experiments to read (default: all)")
+    p.add_argument("--filter", default="", metavar="F",
+                   help="an MLflow search filter, e.g. \"params.loss.use_ctc = 'False' and status = 'FINISHED'\"")
+    p.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
+                   help="config keys whose values make a row (e.g. loss.use_ctc); each row's runs are its seeds")
+    p.add_argument("--metrics", nargs="+", default=["val/miou_seg", "val/miou_cam", "val/miou_cam_par"],
+                   metavar="M", help="metrics to show (their last value in each run)")
+    p.add_argument("--format", choices=["md", "csv"], default="md", help="Markdown table or CSV")
+    p.add_argument("--out", help="write the table to this file instead of printing it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("export-encoder", help="save a checkpoint's encoder as a model.pretrained_file for other runs")
     p.add_argument("checkpoint", help="a training checkpoint, e.g. runs/pretext/synthetic/last.pt")

@@ -36,3 +36,32 @@ def evaluation_report(split: str, outcome, summary: dict, settings_name: str, fo
         lines.append(f"class probabilities: {summary['probs_bytes_per_image']} bytes per image under {folder}/probs")
     lines.append(f"wrote {folder}/summary.json")
     return "\n".join(lines)
+
+
+def runs_table(runs: list[dict], metrics: list[str], group_by: list[str]) -> list[dict]:
+    """One row per run, or with `group_by` (config keys, e.g. loss.use_ctc) one row per value of those keys: its
+    runs and seeds, and each metric's mean ± sample std over them (the spread over seeds of a configuration)."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = tuple(run["params"].get(k, "-") for k in group_by) if group_by else (run["id"],)
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for key, members in groups.items():
+        row = dict(zip(group_by, key)) if group_by else dict(run=members[0]["name"], status=members[0]["status"])
+        if group_by:
+            row.update(runs=len(members), seeds=" ".join(sorted({m["params"].get("train.seed", "-") for m in members})))
+        for metric in metrics:
+            values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
+            mean = statistics.fmean(values) if values else None
+            row[metric] = ("-" if mean is None else f"{mean:.4f}" if len(values) == 1
+                           else f"{mean:.4f} ± {statistics.stdev(values):.4f}")
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = list(rows[0]) if rows else []
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows])

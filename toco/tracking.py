@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toco.config import Config, flatten, save_config
+from toco.errors import UserError
 
 
 def git_commit() -> str:
@@ -76,6 +77,35 @@ def setup_mlflow(tracking_uri: str, artifact_root: str, experiment: str) -> str:
         location.mkdir(parents=True, exist_ok=True)
         # MLflow 3's UI opens an experiment of this kind in its model-training view (runs, charts), not the GenAI one
         return mlflow.create_experiment(experiment, artifact_location=location.as_uri(), tags=EXPERIMENT_KIND)
+
+
+class StoreError(UserError):
+    """A tracking store, experiment or search filter that cannot be read."""
+
+
+def find_runs(tracking_uri: str, experiments: list[str], filter_string: str = "") -> list[dict]:
+    """The training runs (not evaluations, not sweep parents) of `experiments` that match an MLflow search filter
+    (`params.loss.use_ctc = 'False' and status = 'FINISHED'`), oldest first: {name, id, experiment, status,
+    params, metrics (the last value of each), tags}."""
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise StoreError(f"tracking store {tracking_uri} does not exist")
+    client = mlflow.MlflowClient(tracking_uri)
+    found = {e.name: e.experiment_id for e in client.search_experiments()}
+    missing = [name for name in experiments if name not in found]
+    if missing or not found:
+        raise StoreError(f"no experiment {', '.join(missing) or '(none in the store)'} in {tracking_uri}; it holds: "
+                         f"{', '.join(sorted(found)) or 'nothing'}")
+    try:
+        runs = client.search_runs([found[name] for name in experiments or found], filter_string,
+                                  order_by=["attributes.start_time ASC"], max_results=50000)
+    except Exception as err:  # MlflowException: a filter MLflow cannot parse
+        raise StoreError(f"search filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+    names = {v: k for k, v in found.items()}
+    return [dict(name=r.info.run_name, id=r.info.run_id, experiment=names[r.info.experiment_id],
+                 status=r.info.status, params=r.data.params, metrics=r.data.metrics, tags=r.data.tags)
+            for r in runs if r.data.tags.get("kind") not in ("evaluation", "sweep")]
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict | None = None) -> None:

@@ -16,7 +16,7 @@ LAYERS = [
     ["toco.engine"],
     ["toco.tracking", "toco.distributed.cluster", "toco.distributed.train", "toco.distributed.evaluate"],
     ["toco.run"],
-    ["toco.distributed.sweep", "toco.ablation"],
+    ["toco.sweep", "toco.ablation"],
     ["toco.cli", "toco.__main__"],
 ]
 

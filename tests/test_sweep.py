@@ -33,7 +33,7 @@ def _write_spec(tmp_path: Path, **changes) -> Path:
 
 
 def test_sweep_spec_errors_name_the_key(tmp_path):
-    from toco.distributed.sweep import load_sweep
+    from toco.sweep import load_sweep
 
     with pytest.raises(ConfigError, match="unknown keys.*'trials'"):
         load_sweep(_write_spec(tmp_path, trials=3))
@@ -64,7 +64,7 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
 def test_four_trial_sweep_logs_four_nested_runs_under_one_parent(ray_cluster, tmp_path, capsys):
     import mlflow
 
-    from toco.distributed.sweep import load_sweep, run_sweep
+    from toco.sweep import load_sweep, run_sweep
 
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     summary = run_sweep(spec, out_dir=tmp_path / "sweep")

@@ -34,7 +34,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from toco.distributed.sweep import SweepInterrupted, load_sweep, run_sweep, sweep_report
+    from toco.sweep import SweepInterrupted, load_sweep, run_sweep, sweep_report
 
     spec = load_sweep(args.spec, args.overrides)
     try:

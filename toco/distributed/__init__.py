@@ -1,8 +1,10 @@
 """Ray adapters around the Ray-free training loop (`toco.engine`).
 
 - `toco.distributed.train`: the same `Trainer` as DDP workers under Ray Train's `TorchTrainer`, with fault tolerance.
-- `toco.distributed.sweep`: Ray Tune + Optuna (TPE) + ASHA over the loss weights and thresholds, one nested
-  MLflow run per trial under a parent sweep run.
+- `toco.distributed.evaluate`: sharded evaluation on Ray Data actors; `toco.distributed.cluster`: joining or starting
+  a cluster.
+
+The sweep (Ray Tune over runs) is an orchestrator of runs, beside the ablation: `toco.sweep`.
 
 Ray is imported inside the functions, so `import toco.distributed` works without it.
 """

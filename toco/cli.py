@@ -27,8 +27,7 @@ def cmd_train(args) -> None:
     from toco.run import reference_scores, run_training
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_training(cfg, Path(args.config).stem, args.resume, args.workers, args.gpus_per_worker,
-                           args.address, args.overwrite)
+    summary = run_training(cfg, Path(args.config).stem, args.resume, launch(args), args.overwrite)
     print(json.dumps(summary, indent=1))
     print("\n" + training_report(summary, reference_scores(cfg)))
 
@@ -65,9 +64,10 @@ def cmd_eval(args) -> None:
                                             crf_backend=args.crf_backend, precision=cfg.inference.precision)
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval" / f"{split}_{settings.name}")
     results, run_id = evaluate_checkpoint(
-        cfg, args.checkpoint, split, settings, out_dir, (args.pseudo_split or cfg.data.train_split) if args.pseudo
-        else None, args.limit, args.save_pred, args.save_probs, args.shard_size, args.workers, args.gpus_per_worker,
-        args.address, args.resume)
+        cfg, args.checkpoint, split, settings, out_dir,
+        pseudo_split=(args.pseudo_split or cfg.data.train_split) if args.pseudo else None, limit=args.limit,
+        save_pred=args.save_pred, save_probs=args.save_probs, shard_size=args.shard_size, launch=launch(args),
+        resume=args.resume)
     for job, folder, outcome, summary in results:
         what = settings.name if job.metrics == ("seg",) else "pseudo labels"
         print(evaluation_report(job.split, outcome, summary, what, folder))
@@ -87,8 +87,8 @@ def cmd_predict(args) -> None:
     max_side = cfg.data.val_size if args.max_side is None else args.max_side
     settings = InferenceSettings.from_flags(args.ms, args.crf, cfg.data.name, max_side=max_side,
                                             precision=cfg.inference.precision)
-    outcome = predict_files(cfg, args.checkpoint, paths, settings, args.out, args.shard_size, args.workers,
-                            args.gpus_per_worker, args.address, args.resume)
+    outcome = predict_files(cfg, args.checkpoint, paths, settings, args.out, shard_size=args.shard_size,
+                            launch=launch(args), resume=args.resume)
     if len(outcome.shares) <= 20:
         for name, shares in outcome.shares.items():
             ranked = sorted(shares.items(), key=lambda kv: -kv[1])
@@ -197,6 +197,13 @@ def at_least(low: float, kind: type = int):
 
     parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
     return parse
+
+
+def launch(args):
+    """The --workers, --gpus-per-worker and --address of a command (_add_ray_args) as a toco.run.Launch."""
+    from toco.run import Launch
+
+    return Launch(args.workers, args.gpus_per_worker, args.address)
 
 
 def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:

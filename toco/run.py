@@ -19,6 +19,15 @@ from toco.config import Config, ConfigError
 RUN_ID_FILE = "mlflow_run_id"  # beside a run's checkpoints: a resumed run, its evaluations and trials find it
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where a command's work runs: in this process (workers 1), or on `workers` Ray workers with
+    `gpus_per_worker` GPUs each, on the cluster at `address` (default: $RAY_ADDRESS, else a local one)."""
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+
+
 def read_run_id(folder: str | Path) -> str | None:
     path = Path(folder) / RUN_ID_FILE
     return path.read_text().strip() or None if path.is_file() else None
@@ -148,13 +157,13 @@ def continue_run(cfg: Config, run_id: str):
     return MLflowLogger(cfg, run_id=run_id)
 
 
-def run_training(cfg: Config, label: str | None = None, resume: str | None = None, workers: int = 1,
-                 gpus_per_worker: float = 0.0, address: str | None = None, overwrite: bool = False) -> dict:
+def run_training(cfg: Config, label: str | None = None, resume: str | None = None, launch: Launch = Launch(),
+                 overwrite: bool = False) -> dict:
     """Train `cfg` in a tracked run named after `label` (the config's name; default: the experiment's); with
     workers > 1 as DDP workers under Ray Train (toco.distributed.train). An output_dir holding an earlier run's
     checkpoints needs `resume` or `overwrite` (claim_output_dir). Returns the run's summary."""
     label = label or cfg.tracking.experiment
-    check_before_run(cfg, resume, workers)
+    check_before_run(cfg, resume, launch.workers)
     claim_output_dir(cfg, resume, overwrite)
     split = cfg.validation_split
     final = cfg.train.last_val_limit
@@ -164,11 +173,11 @@ def run_training(cfg: Config, label: str | None = None, resume: str | None = Non
     subset = split.endswith("_part") or final > 0  # the final val/ numbers on part of a split
     tags = {"validation": split + limits + (" (a subset)" if subset else "")}
     with tracked_run(cfg, cfg.output_dir, run_name(cfg, label), resume=bool(resume), tags=tags) as run:
-        if workers > 1:
+        if launch.workers > 1:
             from toco.distributed.train import train_on_ray
 
             make_logger = partial(continue_run, cfg, run.run_id) if run.run_id else None
-            outcome = train_on_ray(cfg, workers, gpus_per_worker, address, resume, make_logger)
+            outcome = train_on_ray(cfg, launch.workers, launch.gpus_per_worker, launch.address, resume, make_logger)
         else:
             from toco.engine.loop import Trainer
 
@@ -189,26 +198,23 @@ def reference_scores(cfg: Config) -> dict[str, float] | None:
     return trivial_baselines(build_source(cfg.data, cfg.data.val_split), cfg.train.last_val_limit)
 
 
-def _shard_scorer(workers: int, gpus_per_worker: float, address: str | None):
+def _shard_scorer(launch: Launch):
     """In this process (Ray never imported) for one worker, else on Ray Data actors."""
-    if workers <= 1:
+    if launch.workers <= 1:
         from toco.evaluation import runner
 
         return runner.score_in_process
     from toco.distributed.evaluate import ray_shard_scorer
 
-    return ray_shard_scorer(workers, gpus_per_worker, address)
+    return ray_shard_scorer(launch.workers, launch.gpus_per_worker, launch.address)
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_dir: str | Path, pseudo_split=None,
                         limit: int = 0, save_pred: bool = False, save_probs: bool = False, shard_size: int = 32,
-                        workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
-                        resume: bool = False) -> tuple[list, str | None]:
+                        launch: Launch = Launch(), resume: bool = False) -> tuple[list, str | None]:
     """`toco eval`: score a checkpoint on `split` (and its pseudo labels on `pseudo_split`), write each result
     folder, all inside one MLflow run nested under the training that made the checkpoint (its duration is the
     evaluation's). Returns ([(job, folder, outcome, summary)], the run id)."""
-    import dataclasses
-
     from toco.checkpoint import check_checkpoint_fits
     from toco.evaluation import PSEUDO_LABELS, EvalJob, run_evaluation, subset_note, write_results
 
@@ -226,7 +232,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_
                             name=f"pseudo_{pseudo_split}", limit=limit, shard_size=shard_size))
     total = [len(job.source()) for job in jobs][0]  # every split exists and fits before the first image is scored
     subset = subset_note(cfg, split, min(total, limit) if limit else total, total)
-    score_shards = _shard_scorer(workers, gpus_per_worker, address)
+    score_shards = _shard_scorer(launch)
     parent = read_run_id(Path(checkpoint).parent)
     if cfg.tracking.enabled and not parent:
         print(f"toco eval: no training run is recorded beside {checkpoint} ({RUN_ID_FILE}): this evaluation is a "
@@ -241,7 +247,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_
             folder = out_dir if job is jobs[0] else out_dir / job.name
             info = dict(split=job.split, subset=outcome.subset, checkpoint=tags["checkpoint"],
                         dataset=cfg.data.name, backbone=cfg.model.backbone, test_time=dataclasses.asdict(settings),
-                        workers=workers, images_per_s=round(outcome.images_per_s, 3),
+                        workers=launch.workers, images_per_s=round(outcome.images_per_s, 3),
                         worker_peak_rss_mib=round(outcome.worker_peak_rss_mib, 1))
             if save_probs:
                 info["probs_bytes_per_image"] = round(outcome.probs_bytes / max(outcome.scores.images, 1))
@@ -291,7 +297,7 @@ def _refuse_to_replace(out: Path, inputs: list[str], names: list[str], resume: b
 
 
 def predict_files(cfg: Config, checkpoint: str, paths: list[str], settings, out_dir: str | Path,
-                  shard_size: int = 32, workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
+                  shard_size: int = 32, launch: Launch = Launch(),
                   resume: bool = False):
     """`toco predict`: segment image files into palette PNGs and overlays in out_dir, with class_shares.json;
     unreadable files are skipped (outcome.skipped names them)."""
@@ -303,6 +309,6 @@ def predict_files(cfg: Config, checkpoint: str, paths: list[str], settings, out_
     job = EvalJob(cfg, checkpoint, None, (), settings, str(out_dir), name="predict", files=paths,
                   class_names=class_names(cfg.data), save_pred=True, keep=0, shard_size=shard_size)
     _refuse_to_replace(Path(out_dir), paths, job.source().names, resume)
-    outcome = run_evaluation(job, resume, desc="predict", score_shards=_shard_scorer(workers, gpus_per_worker, address))
+    outcome = run_evaluation(job, resume, desc="predict", score_shards=_shard_scorer(launch))
     (Path(out_dir) / "class_shares.json").write_text(json.dumps(outcome.shares, indent=1))
     return outcome

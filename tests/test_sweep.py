@@ -53,6 +53,10 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         load_sweep(_write_spec(tmp_path, seeds=[0, 0]))
     with pytest.raises(ConfigError, match="seeds need workers: 1"):
         load_sweep(_write_spec(tmp_path, seeds=[0, 1], workers=2))
+    with pytest.raises(ConfigError, match="loss.w_ptc is swept .space. and also set by an override"):
+        load_sweep(_write_spec(tmp_path), ["loss.w_ptc=0.3"])  # it would pin every trial's value
+    with pytest.raises(ConfigError, match="pseudo.bkg_thre is swept"):
+        load_sweep(_write_spec(tmp_path, overrides={"pseudo.bkg_thre": 0.5}))
     spec = load_sweep(_write_spec(tmp_path), TINY_SWEEP)
     cfg = spec.trial_config({"loss.w_ptc": 0.3})
     assert cfg.loss.w_ptc == 0.3 and cfg.train.max_iters == 4 and cfg.train.ckpt_every == 2

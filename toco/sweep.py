@@ -119,6 +119,10 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         kind, args = next(iter(dist.items()))
         if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
             raise ConfigError(f"sweep {path}: space.{key}.{kind} needs [low, high] with low < high, got {args!r}")
+    pinned = sorted(set(spec.space) & {*spec.overrides, *parse_overrides(spec.cli_overrides)})
+    if pinned:  # an override would fix the value in every trial while Optuna reports it as tuned
+        raise ConfigError(f"sweep {path}: {', '.join(pinned)} is swept (space) and also set by an override; "
+                          f"drop the override, or the key from space")
     cfg = spec.trial_config({})  # the experiment, the overrides and every swept key must exist and type-check
     for key, dist in spec.space.items():
         kind, args = next(iter(dist.items()))

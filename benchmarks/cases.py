@@ -197,26 +197,16 @@ def finished_training(folder: Path, seed: int, threads: int, overrides: list[str
     the CPU; None when the folder holds anything else. The same config, seed and thread count give the same
     weights to the last bit, so the ablation's rows (one thread each under `--jobs 2` on 2 cores) spare the
     seed spread and the mutation matrix those trainings."""
-    import tempfile
-
-    import yaml
-
-    save_config = entry("save_config", "toco.config")
+    config_differences = entry("config_differences", "toco.config")
     saved, summary = folder / "config.yaml", folder / "summary.json"
     if not (saved.is_file() and summary.is_file()):
         return None
     done = json.loads(summary.read_text())
     cfg = accuracy_config(seed, str(folder), threads, overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_config(cfg, Path(tmp) / "config.yaml")
-        ours = yaml.safe_load((Path(tmp) / "config.yaml").read_text())
-    theirs = yaml.safe_load(saved.read_text())
-    if theirs.get("train", {}).get("device") == "auto" and not torch.cuda.is_available():
-        theirs["train"]["device"] = "cpu"  # trained on this CPU-only machine
-    for config in (ours, theirs):
-        for key in UNWEIGHED_KEYS:
-            config.pop(key, None)
-    if ours != theirs or done.get("iterations") != cfg.train.max_iters:
+    differences = config_differences(cfg, saved, ignore=UNWEIGHED_KEYS)
+    if differences.get("train.device") == ("cpu", "auto") and not torch.cuda.is_available():
+        del differences["train.device"]  # trained on this CPU-only machine
+    if differences or done.get("iterations") != cfg.train.max_iters:
         return None
     return dict(recipe_metrics(done, folder, cfg.train.max_iters), train_s=done.get("wall_s"), reused=str(folder))
 

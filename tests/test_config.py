@@ -169,3 +169,16 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
     bad.write_text("loss:\n  w_ptc: [0.3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml line \d+: not valid YAML"):
         load_config(bad)
+
+
+def test_config_differences_name_each_key_a_saved_run_differs_in(tmp_path):
+    from toco.config import config_differences
+
+    cfg = load_config("experiments/synthetic.yaml", ["train.threads=1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_differences(cfg, tmp_path / "config.yaml") == {}
+    other = load_config("experiments/synthetic.yaml", ["optim.lr=1e-3", "train.threads=2",
+                                                       "model.backbone_kwargs.depth=2", "tracking.experiment=x"])
+    assert config_differences(other, tmp_path / "config.yaml", ignore=("train.threads", "tracking")) == {
+        "optim.lr": (1e-3, 5e-4), "model.backbone_kwargs.depth": (2, 3)}
+    assert "train.threads" in config_differences(other, tmp_path / "config.yaml")

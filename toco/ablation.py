@@ -75,24 +75,13 @@ def _seed_config(path: str, seed: int | None, overrides: list[str], threads: int
     return cfg
 
 
-def _earlier_training(cfg) -> str | None:
-    """What `cfg`'s folder holds: None (nothing), "same" (a training of this config, on any thread count) or
-    "other" (of another config, which no ablation overwrites)."""
-    import tempfile
-
-    import yaml
-
-    from toco.config import save_config
+def _earlier_training(cfg) -> dict | None:
+    """What `cfg`'s folder holds: None (nothing), {} (a training of this config, on any thread count) or the keys
+    where its config differs (another config, which no ablation overwrites: toco.config.config_differences)."""
+    from toco.config import config_differences
 
     saved = Path(cfg.output_dir) / "config.yaml"
-    if not saved.is_file():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        save_config(cfg, Path(tmp) / "config.yaml")
-        ours, theirs = (yaml.safe_load(f.read_text()) for f in (Path(tmp) / "config.yaml", saved))
-    for config in (ours, theirs):
-        config["train"].pop("threads", None)
-    return "same" if ours == theirs else "other"
+    return config_differences(cfg, saved, ignore=("train.threads",)) if saved.is_file() else None
 
 
 def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:
@@ -102,7 +91,7 @@ def _train(path: str, seed: int | None, overrides: list[str], threads: int | Non
 
     cfg = _seed_config(path, seed, overrides, threads)
     folder, summary, resume = Path(cfg.output_dir), None, None
-    if _earlier_training(cfg) == "same":
+    if _earlier_training(cfg) == {}:
         done = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
         if done.get("iterations") == cfg.train.max_iters:
             summary = done
@@ -127,8 +116,11 @@ def run_ablation(configs: list[str], seeds: list[int] | None, overrides: list[st
     for path, seed in tasks:  # every training checked before the first one starts
         cfg = _seed_config(path, seed, overrides, None)
         check_before_run(cfg)
-        if _earlier_training(cfg) == "other":
-            raise ConfigError(f"{cfg.output_dir} holds a training of another config: move it, or set output_dir")
+        if differences := _earlier_training(cfg):
+            shown = "; ".join(f"{key} {theirs!r} there, {ours!r} here" for key, (ours, theirs) in
+                              list(differences.items())[:3])
+            raise ConfigError(f"{cfg.output_dir} holds a training of another config ({shown}): move it, or set "
+                              f"output_dir")
     if jobs <= 1:
         runs = [_train(path, seed, overrides, None) for path, seed in tasks]
     else:

@@ -447,6 +447,26 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(plain(to_dict(cfg)), f, sort_keys=False)
 
 
+def config_differences(cfg: Config, saved: str | Path, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """{dotted key: (cfg's value, the saved one)} for every key where a run's saved config.yaml differs from `cfg`
+    as save_config would write it; keys under an `ignore` prefix ("tracking", "train.threads") are not compared.
+    Empty: the folder trained this config."""
+    import tempfile
+
+    def leaves(node, prefix=""):
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, Path(tmp) / "config.yaml")
+        ours = leaves(yaml.safe_load((Path(tmp) / "config.yaml").read_text()))
+    theirs = leaves(yaml.safe_load(Path(saved).read_text()) or {})
+    skipped = lambda key: any(key == p or key.startswith(p + ".") for p in ignore)  # noqa: E731
+    return {key: (ours.get(key), theirs.get(key)) for key in sorted(ours.keys() | theirs.keys())
+            if not skipped(key) and ours.get(key, ...) != theirs.get(key, ...)}
+
+
 def absolute_paths(cfg: Config, base: str | Path = ".") -> Config:
     """A copy of `cfg` whose paths (inputs, output_dir, the tracking store) are absolute, relative ones taken from
     `base`: Ray workers, Tune trials and jobs run in working directories of their own."""

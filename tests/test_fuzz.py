@@ -53,7 +53,8 @@ TRAIN_KEYS = sorted(k for k in RANGES if k.split(".")[0] in ("data", "model", "l
 SMALL = st.sampled_from(["-1", "0", "1", "2", "3", "0.5", "1.5", "[1]", "[0]", "[1, 2]", "[2, 1]", "null"])
 
 
-# 12 trainings in `make test`; FUZZ_TRAININGS=200 searches longer (200 passed on the 2-core Xeon in 4 min)
+# 12 trainings in `make test`; FUZZ_TRAININGS=200 searches longer (200 passed on the 2-core Xeon in 4 min), as
+# FUZZ_COMMANDS=150 does for the command lines below (300 passed over two seeds)
 @settings(max_examples=int(os.environ.get("FUZZ_TRAININGS", 12)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(st.tuples(st.sampled_from(TRAIN_KEYS), SMALL).map(lambda kv: f"{kv[0]}={kv[1]}"),
@@ -92,6 +93,8 @@ def trained(tmp_path_factory):
     cfg.output_dir = str(folder / "run")
     save_config(cfg, folder / "tiny.yaml")
     main(["train", str(folder / "tiny.yaml")])
+    main(["train", str(folder / "tiny.yaml"), "tracking.enabled=true", f"output_dir={folder}/tracked",  # for runs
+          f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db", f"tracking.artifact_root={folder}/artifacts"])
     (folder / "images").mkdir()
     for i in range(2):
         Image.fromarray(generate_sample(0, i, 32, 5, "val")[0]).save(folder / "images" / f"img{i}.png")
@@ -103,6 +106,12 @@ EVAL_FLAGS = {"--split": st.sampled_from(["val", "train", "test", "nope"]), "--l
               "--shard-size": NUMBER, "--ms": None, "--crf": None, "--pseudo": None, "--save-pred": None,
               "--save-probs": None, "--resume": None, "--crf-backend": st.sampled_from(["cpu", "exact", "gpu"])}
 PREDICT_FLAGS = {"--max-side": NUMBER, "--shard-size": NUMBER, "--ms": None, "--resume": None}
+RUNS_FLAGS = {"--experiment": st.sampled_from(["toco-synthetic", "nope", "Default"]),
+              "--group-by": st.sampled_from(["loss.use_ctc", "train.seed", "nope.key", "model.backbone_kwargs"]),
+              "--metrics": st.sampled_from(["val/miou_seg", "nope"]), "--format": st.sampled_from(["md", "csv", "x"]),
+              "--filter": st.sampled_from(["params.train.seed = '0'", "status = 'FINISHED'", "params.x ==", "bogus",
+                                           "metrics.`val/miou_seg` > 0"]),
+              "--overwrite": None}
 SYNTH_FLAGS = {"--train": NUMBER, "--val": NUMBER, "--size": st.sampled_from(["8", "16", "-1", "x"]),
                "--num-classes": st.sampled_from(["1", "2", "5", "82", "83", "x"]), "--seed": NUMBER}
 
@@ -115,13 +124,14 @@ def flags(table: dict) -> st.SearchStrategy:
         lambda names: st.tuples(*(one(n) for n in names)).map(lambda parts: [a for p in parts for a in p]))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(command=st.sampled_from(["eval", "predict", "synth"]), data=st.data(),
+@settings(max_examples=int(os.environ.get("FUZZ_COMMANDS", 30)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["eval", "predict", "synth", "runs"]), data=st.data(),
        out=st.sampled_from(["fresh", "images", "run", "none"]))
 def test_any_command_line_succeeds_or_is_one_line(command, data, out, trained, tmp_path_factory, capsys):
-    """eval, predict and data synth with drawn flags and output folders (a fresh one, the input images' folder,
-    the training's folder, none): the work is done, or one line says what is wrong; no input image or checkpoint
-    is ever replaced."""
+    """eval, predict, data synth and runs with drawn flags and outputs (a fresh one, the input images' folder, the
+    training's folder, none): the work is done, or one line says what is wrong; no input image or checkpoint is
+    ever replaced."""
     fresh = tmp_path_factory.mktemp("out")
     folder = {"fresh": fresh / "out", "images": trained / "images", "run": trained / "run", "none": None}[out]
     checkpoint = ["--checkpoint", str(trained / "run" / "last.pt")]
@@ -130,6 +140,9 @@ def test_any_command_line_succeeds_or_is_one_line(command, data, out, trained, t
         argv = ["eval", str(trained / "tiny.yaml"), *checkpoint, *data.draw(flags(EVAL_FLAGS))]
     elif command == "predict":
         argv = ["predict", str(trained / "images"), *checkpoint, *data.draw(flags(PREDICT_FLAGS))]
+    elif command == "runs":
+        argv = ["runs", *data.draw(flags(RUNS_FLAGS)), f"tracking.tracking_uri=sqlite:///{trained}/mlflow.db"]
+        folder = folder and (folder / "table.md" if out == "fresh" else folder)  # a file, or a folder in its place
     else:
         argv = ["data", "synth", *data.draw(flags(SYNTH_FLAGS))]
     argv += ["--out", str(folder)] if folder else []

@@ -116,6 +116,8 @@ def cmd_runs(args) -> None:
     if unknown:
         raise UserError(f"--group-by {' '.join(unknown)}: not a config key (e.g. loss.use_ctc, optim.lr)")
     out = Path(args.out) if args.out else None
+    if out and out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write")
     if out and out.exists() and not args.overwrite:
         raise UserError(f"--out {out} exists: --overwrite replaces it")
     tracking = load_config(None, args.overrides).tracking
@@ -129,6 +131,7 @@ def cmd_runs(args) -> None:
     else:
         text = markdown(rows) + "\n"
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         print(f"wrote {len(rows)} rows to {out}")
     else:

@@ -53,9 +53,9 @@ TRAIN_KEYS = sorted(k for k in RANGES if k.split(".")[0] in ("data", "model", "l
 SMALL = st.sampled_from(["-1", "0", "1", "2", "3", "0.5", "1.5", "[1]", "[0]", "[1, 2]", "[2, 1]", "null"])
 
 
-# 12 trainings in `make test`; FUZZ_TRAININGS=200 searches longer (200 passed on the 2-core Xeon in 4 min), as
+# 8 trainings in `make test`; FUZZ_TRAININGS=200 searches longer (200 passed on the 2-core Xeon in 4 min), as
 # FUZZ_COMMANDS=150 does for the command lines below (300 passed over two seeds)
-@settings(max_examples=int(os.environ.get("FUZZ_TRAININGS", 12)), deadline=None,
+@settings(max_examples=int(os.environ.get("FUZZ_TRAININGS", 8)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(st.tuples(st.sampled_from(TRAIN_KEYS), SMALL).map(lambda kv: f"{kv[0]}={kv[1]}"),
                           min_size=1, max_size=3))
@@ -124,7 +124,7 @@ def flags(table: dict) -> st.SearchStrategy:
         lambda names: st.tuples(*(one(n) for n in names)).map(lambda parts: [a for p in parts for a in p]))
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_COMMANDS", 30)), deadline=None,
+@settings(max_examples=int(os.environ.get("FUZZ_COMMANDS", 15)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["eval", "predict", "synth", "runs"]), data=st.data(),
        out=st.sampled_from(["fresh", "images", "run", "none"]))

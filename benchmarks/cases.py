@@ -188,7 +188,7 @@ def train_accuracy_recipe(seed: int, out_dir: str, threads: int, overrides: list
 
 # what a finished training's folder may differ in and still hold the accuracy recipe's weights: where it was
 # written and how it was tracked change no number (checked bit for bit against a tracked `toco train`)
-UNWEIGHED_KEYS = ("output_dir", "description", "tracking")
+UNWEIGHED_KEYS = ("output_dir", "description", "tracking", "inference")  # test-time keys: no training reads them
 
 
 def finished_training(folder: Path, seed: int, threads: int, overrides: list[str] = ()) -> dict | None:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     cfg = load_config(ROOT / "experiments/smoke/coco_shape.yaml", ["tracking.enabled=false"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.num_classes).eval()
-    settings = InferenceSettings.from_flags(ms=True, crf=True, dataset="coco", resize=448)
+    settings = InferenceSettings.from_config(cfg, scales=MS_SCALES, flip=True, crf=True, resize=448)
     image = torch.randn(1, 3, 480, 640)
     x = settings.network_input(image)
     assert settings.scales == MS_SCALES and x.shape[-2:] == (448, 448)

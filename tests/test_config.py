@@ -79,7 +79,7 @@ def test_a_value_out_of_its_range_fails_naming_the_key_and_the_range(override, m
 
 
 @pytest.mark.parametrize("override", ["train.batch_size=1", "train.ema_decay=0", "pseudo.bkg_thre=1.0",
-                                      "pseudo.bkg_thre=0", "loss.w_ctc=0", "data.test_resize=null",
+                                      "pseudo.bkg_thre=0", "loss.w_ctc=0", "inference.resize=null",
                                       "train.final_val_limit=null", "model.aux_layer=-2"])
 def test_the_ends_of_a_range_are_accepted(override):
     load_config("experiments/synthetic.yaml", [override])
@@ -182,3 +182,44 @@ def test_config_differences_name_each_key_a_saved_run_differs_in(tmp_path):
     assert config_differences(other, tmp_path / "config.yaml", ignore=("train.threads", "tracking")) == {
         "optim.lr": (1e-3, 5e-4), "model.backbone_kwargs.depth": (2, 3)}
     assert "train.threads" in config_differences(other, tmp_path / "config.yaml")
+
+
+def test_a_config_toco_saved_before_a_key_was_renamed_loads_under_the_new_name(tmp_path):
+    """A user's config with an old key is told the new one; a run's saved config.yaml (beside its checkpoint) is
+    read under the new names, and compares equal to the config it was written from."""
+    import yaml
+
+    from toco.checkpoint import checkpoint_config
+    from toco.config import config_differences
+
+    cfg = load_config("experiments/synthetic.yaml", ["inference.resize=448"])
+    save_config(cfg, tmp_path / "config.yaml")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    written["data"]["test_resize"] = written["inference"].pop("resize")  # as an earlier version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
+    with pytest.raises(ConfigError, match="'data.test_resize'; it is now 'inference.resize'"):
+        load_config(tmp_path / "config.yaml")
+    saved = checkpoint_config(tmp_path / "last.pt")
+    assert saved.inference == cfg.inference and saved.data == cfg.data
+    assert config_differences(cfg, tmp_path / "config.yaml") == {}
+    assert config_differences(load_config("experiments/synthetic.yaml"), tmp_path / "config.yaml") == {
+        "inference.resize": (None, 448)}
+
+
+def test_test_time_settings_are_the_inference_section_with_the_flags_over_it():
+    from toco.cli import build_parser, inference_settings
+    from toco.evaluation import MS_SCALES
+
+    cfg = load_config("experiments/synthetic.yaml", ["inference.scales=[1.0, 1.5]", "inference.flip=true",
+                                                     "inference.crf=true", "inference.resize=64",
+                                                     "inference.precision=bf16"])
+    parse = lambda *flags: build_parser().parse_args(["eval", "cfg.yaml", "--checkpoint", "x.pt", *flags])  # noqa: E731
+    settings = inference_settings(cfg, parse())
+    assert (settings.scales, settings.flip, settings.crf, settings.resize, settings.precision) == (
+        (1.0, 1.5), True, True, 64, "bf16")
+    settings = inference_settings(cfg, parse("--ms", "--no-crf", "--crf-backend", "exact"))
+    assert (settings.scales, settings.flip, settings.crf, settings.crf_backend) == (MS_SCALES, True, False, "exact")
+    # the fusion rule is the dataset's protocol (toco.data.registry), not a setting
+    assert settings.fusion == "voc"
+    cfg.data.name = "coco"
+    assert inference_settings(cfg, parse()).fusion == "coco"

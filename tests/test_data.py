@@ -365,6 +365,29 @@ def test_coco_reader(coco_root):
     assert build_source(cfg, "val_part").names == ["COCO_val2014_000000000073"]
 
 
+def test_every_source_is_a_source_and_the_training_never_sees_a_mask(voc_root, coco_root, tmp_path):
+    """The protocol toco.data.Source, on each kind the registry opens and on image files (`toco predict`)."""
+    from toco.data import ImageFiles, Source, labels_from_mask, synthetic_folder_source, write_synthetic
+
+    synth = write_synthetic(tmp_path / "synth", n_train=2, n_val=2, size=32, num_classes=5, seed=0)
+    sources = {"voc": voc_source(voc_root, "train_aug"), "coco": coco_source(coco_root, "train"),
+               "synthetic folder": synthetic_folder_source(synth, "train_aug"),
+               "synthetic": build_source(DataConfig(name="synthetic", num_classes=5, synth_train=2), "train")}
+    for kind, source in sources.items():
+        assert isinstance(source, Source), kind
+        assert len(source.names) == len(set(source.names)) == len(source) > 0, kind
+        assert len(source.class_names) == source.num_classes and source.has_masks, kind
+        whole, seen = source.load(0), source.load_for_training(0)
+        assert whole.name == seen.name == source.names[0] and seen.mask is None, kind
+        assert np.array_equal(whole.image, seen.image) and np.array_equal(whole.cls_label, seen.cls_label), kind
+        assert np.array_equal(whole.cls_label, labels_from_mask(whole.mask, source.num_classes)), kind
+    photo = voc_root / "JPEGImages" / "2008_000099.jpg"
+    files = ImageFiles([str(photo), str(photo)], 21, VOC_CLASS_NAMES)
+    assert isinstance(files, Source) and not files.has_masks and files.names == ["2008_000099", "2008_000099_"]
+    assert files.load(1).mask is None and files.load(1).cls_label is None
+    _expect_error(lambda: files.load_for_training(0), str(photo), "no labels to train on")
+
+
 # ---- bad input: every error names the file --------------------------------------------------------------------
 def _expect_error(fn, *fragments):
     with pytest.raises(DatasetError) as err:

@@ -81,7 +81,8 @@ def _earlier_training(cfg) -> dict | None:
     from toco.config import config_differences
 
     saved = Path(cfg.output_dir) / "config.yaml"
-    return config_differences(cfg, saved, ignore=("train.threads",)) if saved.is_file() else None
+    # neither the thread count nor the test-time settings change what a training makes
+    return config_differences(cfg, saved, ignore=("train.threads", "inference")) if saved.is_file() else None
 
 
 def _train(path: str, seed: int | None, overrides: list[str], threads: int | None) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     with open(path, "rb") as f:  # torch.save writes a zip archive; the legacy format is a bare pickle
         archive = f.read(4) == b"PK\x03\x04"
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and archive)
     except pickle.UnpicklingError:
         what = ("holds Python objects other than tensors and plain containers, and toco loads weights only (it never "
                 "runs code from a file)") if archive else "is not a PyTorch checkpoint"
@@ -103,11 +102,12 @@ def checkpoint_config(checkpoint: str | Path, config: str | Path | None = None, 
     beside the checkpoint."""
     from toco.config import load_config
 
-    if config is None:
-        config = Path(checkpoint).parent / "config.yaml"
-        if not config.is_file():
-            raise CheckpointError(f"no config.yaml beside {checkpoint}: pass the training config")
-    return load_config(config, overrides)
+    if config is not None:
+        return load_config(config, overrides)
+    saved = Path(checkpoint).parent / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"no config.yaml beside {checkpoint}: pass the training config")
+    return load_config(saved, overrides, saved=True)
 
 
 def load_trained_model(cfg, checkpoint: str | Path, device: torch.device | str = "cpu"):

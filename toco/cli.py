@@ -53,15 +53,12 @@ def cmd_ablation(args) -> None:
 
 def cmd_eval(args) -> None:
     """Score a checkpoint on a split (docs/evaluation.md); optionally the pseudo labels on the train split."""
-    from toco.evaluation import InferenceSettings
     from toco.report import evaluation_report
     from toco.run import evaluate_checkpoint
 
     cfg = load_config(args.config, args.overrides)
     split = args.split or cfg.data.val_split
-    resize = cfg.data.test_resize if args.resize is None else (args.resize or None)
-    settings = InferenceSettings.from_flags(args.ms, args.crf, cfg.data.name, resize=resize,
-                                            crf_backend=args.crf_backend, precision=cfg.inference.precision)
+    settings = inference_settings(cfg, args, **({} if args.resize is None else {"resize": args.resize or None}))
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval" / f"{split}_{settings.name}")
     results, run_id = evaluate_checkpoint(
         cfg, args.checkpoint, split, settings, out_dir,
@@ -79,14 +76,13 @@ def cmd_predict(args) -> None:
     """Segment image files (any size); an unreadable one is reported by name and skipped (exit status 1)."""
     from toco.checkpoint import checkpoint_config
     from toco.data import image_paths
-    from toco.evaluation import InferenceSettings
     from toco.run import predict_files
 
     cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     paths = image_paths(args.images)
+    # photos of any shape: capped, never squashed to a square
     max_side = cfg.data.val_size if args.max_side is None else args.max_side
-    settings = InferenceSettings.from_flags(args.ms, args.crf, cfg.data.name, max_side=max_side,
-                                            precision=cfg.inference.precision)
+    settings = inference_settings(cfg, args, resize=None, max_side=max_side)
     outcome = predict_files(cfg, args.checkpoint, paths, settings, args.out, shard_size=args.shard_size,
                             launch=launch(args), resume=args.resume)
     if len(outcome.shares) <= 20:
@@ -209,6 +205,27 @@ def launch(args):
     return Launch(args.workers, args.gpus_per_worker, args.address)
 
 
+def inference_settings(cfg, args, **changes):
+    """The config's `inference:` section with what the flags of _add_inference_args set over it."""
+    from toco.evaluation import MS_SCALES, InferenceSettings
+
+    if args.ms:
+        changes.update(scales=MS_SCALES, flip=True)
+    if args.crf is not None:
+        changes["crf"] = args.crf
+    if getattr(args, "crf_backend", None):
+        changes["crf_backend"] = args.crf_backend
+    return InferenceSettings.from_config(cfg, **changes)
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ms", action="store_true",
+                   help="multi-scale (1.0, 1.25, 1.5) + flip test-time fusion (default: the config's inference.scales "
+                        "and inference.flip)")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                   help="DenseCRF post-processing (default: the config's inference.crf)")
+
+
 def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--workers", type=at_least(1), default=1, metavar="N",
                    help=f"{what} on N Ray workers (1 = in this process, Ray never imported)")
@@ -257,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help=config_help)
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (last.pt or best.pt)")
     p.add_argument("--split", help="split to score (default: the config's data.val_split)")
-    p.add_argument("--ms", action="store_true", help="multi-scale (1.0, 1.25, 1.5) + flip test-time fusion")
-    p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
-    p.add_argument("--crf-backend", default="auto", choices=["auto", "cpu", "cuda", "pydensecrf", "exact"],
-                   help="where the CRF runs (auto: the GPU lattice on a GPU, else the C++ one)")
+    _add_inference_args(p)
+    p.add_argument("--crf-backend", choices=["auto", "cpu", "cuda", "pydensecrf", "exact"],
+                   help="where the CRF runs (default: the config's inference.crf_backend; auto: the GPU lattice on "
+                        "a GPU, else the C++ one)")
     p.add_argument("--resize", type=at_least(0), default=None, metavar="N",
-                   help="resize every image to N x N first (default: the config's data.test_resize; 0 = each "
+                   help="resize every image to N x N first (default: the config's inference.resize; 0 = each "
                         "image at its own size)")
     p.add_argument("--pseudo", action="store_true", help="also score CAM / aux-CAM / PAR pseudo labels")
     p.add_argument("--pseudo-split", help="split for --pseudo (default: the config's train split)")
@@ -283,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (last.pt or best.pt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="training config (default: config.yaml beside the checkpoint)")
-    p.add_argument("--ms", action="store_true", help="multi-scale + flip")
-    p.add_argument("--crf", action="store_true", help="DenseCRF post-processing")
+    _add_inference_args(p)
     p.add_argument("--max-side", type=at_least(0), default=None, metavar="N",
                    help="downscale images whose long side exceeds N (default: the config's data.val_size; 0 = never)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prediction in --out")

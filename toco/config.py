@@ -31,7 +31,8 @@ def input_path(default: str | None = None):
 
 
 # keys renamed since earlier versions: a config that still uses the old name is told the new one
-RENAMED = {"loss.reg_scale": "loss.reg_downscale", "loss.reg_weight": "loss.reg_energy_scale"}
+RENAMED = {"loss.reg_scale": "loss.reg_downscale", "loss.reg_weight": "loss.reg_energy_scale",
+           "data.test_resize": "inference.resize"}
 
 
 @dataclass
@@ -47,7 +48,6 @@ class DataConfig:
     local_crop_size: int = 96            # CTC local views
     num_local_crops: int = 8
     val_size: int = 448                  # in-training validation (and its CAMs) resize to this square side
-    test_resize: int | None = None       # `toco eval` resizes to this square side first (COCO: 448); None = native
     num_workers: int = 2
     synth_size: int = 96                 # synthetic generator: image side, split sizes, seed
     synth_train: int = 2000
@@ -165,8 +165,16 @@ class TrainConfig:
 
 @dataclass
 class InferenceConfig:
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # `toco eval` / `predict`: the network under autocast;
-                                         # fusion, softmax, the CRF and the metrics in fp32 (docs/evaluation.md)
+    """How `toco eval` and `toco predict` segment an image (docs/evaluation.md); their flags override these. How
+    the scales and flips are fused is the dataset's protocol (toco.data.registry)."""
+    scales: list[float] = field(default_factory=lambda: [1.0])  # --ms: the paper's 1.0, 1.25, 1.5 with flips
+    flip: bool = False
+    crf: bool = False                    # DenseCRF post-processing (--crf)
+    crf_backend: Literal["auto", "cpu", "cuda", "pydensecrf", "exact"] = "auto"
+    resize: int | None = None            # every image resized to this square side first (COCO: 448); None = native
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the network under autocast; fusion, softmax, the CRF
+                                         # and the metrics in fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"      # auto: the GPU when there is one
 
 
 @dataclass
@@ -226,7 +234,7 @@ FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
 RANGES = {
     "data.num_classes": Range(2), "data.crop_size": POSITIVE_INT, "data.rescale_range": POSITIVE,
     "data.local_crop_size": POSITIVE_INT, "data.num_local_crops": POSITIVE_INT, "data.val_size": POSITIVE_INT,
-    "data.test_resize": POSITIVE_INT, "data.num_workers": COUNT, "data.synth_size": Range(16),
+    "data.num_workers": COUNT, "data.synth_size": Range(16),
     "data.synth_train": COUNT, "data.synth_val": COUNT, "data.synth_seed": COUNT,
     "model.conv_stem": POSITIVE_INT, "model.attention_window": COUNT, "model.decoder_channels": POSITIVE_INT,
     "model.decoder_dilation": POSITIVE_INT, "model.proj_hidden": POSITIVE_INT,
@@ -248,6 +256,7 @@ RANGES = {
     "train.init_seed": COUNT, "train.order_seed": COUNT, "train.augment_seed": COUNT, "train.crop_seed": COUNT,
     "train.threads": COUNT, "train.val_limit": COUNT, "train.final_val_limit": COUNT,
     "train.ema_decay": FRACTION_BELOW_1,
+    "inference.scales": POSITIVE, "inference.resize": POSITIVE_INT,
 }
 UNBOUNDED = {"model.aux_layer"}  # a negative block index counts from the last block (checked by the model)
 
@@ -370,19 +379,34 @@ def _split_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list ({reason})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                saved: bool = False) -> Config:
     """Defaults <- YAML file (with optional `base:` chain) <- overrides.
 
     overrides: `key=value` strings as on the command line (`["optim.lr=1e-4"]`), or a mapping of dotted keys to
-    values (`{"optim.lr": 1e-4}`); either way every key and type is checked.
+    values (`{"optim.lr": 1e-4}`); either way every key and type is checked. `saved`: the file is a config.yaml
+    toco wrote beside a checkpoint, whose keys renamed since (RENAMED) are read under their new names.
     """
     cfg = Config()
     for folder, layer in _yaml_chain(Path(path)) if path else []:
-        _apply(cfg, layer, folder)
+        _apply(cfg, _with_new_names(layer) if saved else layer, folder)
     if overrides:
         _apply(cfg, _nest(overrides), Path("."))
     _check_together(cfg)
     return cfg
+
+
+def _with_new_names(layer: dict) -> dict:
+    """A nested mapping with its RENAMED keys moved to their new names."""
+    flat = {RENAMED.get(key, key): value for key, value in _leaves(layer).items()}
+    return _nest(flat)
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested mapping's leaves."""
+    if not isinstance(node, dict) or not node:
+        return {prefix[:-1]: node} if prefix else {}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
 
 
 def _check_together(cfg: Config) -> None:
@@ -453,15 +477,11 @@ def config_differences(cfg: Config, saved: str | Path, ignore: tuple[str, ...] =
     Empty: the folder trained this config."""
     import tempfile
 
-    def leaves(node, prefix=""):
-        if not isinstance(node, dict):
-            return {prefix[:-1]: node}
-        return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
-
     with tempfile.TemporaryDirectory() as tmp:
         save_config(cfg, Path(tmp) / "config.yaml")
-        ours = leaves(yaml.safe_load((Path(tmp) / "config.yaml").read_text()))
-    theirs = leaves(yaml.safe_load(Path(saved).read_text()) or {})
+        ours = _leaves(yaml.safe_load((Path(tmp) / "config.yaml").read_text()))
+    written = _leaves(yaml.safe_load(Path(saved).read_text()) or {})
+    theirs = {RENAMED.get(key, key): value for key, value in written.items()}
     skipped = lambda key: any(key == p or key.startswith(p + ".") for p in ignore)  # noqa: E731
     return {key: (ours.get(key), theirs.get(key)) for key in sorted(ours.keys() | theirs.keys())
             if not skipped(key) and ours.get(key, ...) != theirs.get(key, ...)}

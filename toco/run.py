@@ -61,22 +61,22 @@ def check_before_run(cfg: Config, resume: str | Path | None = None, workers: int
                           f"the {workers} workers")
 
 
-EARLIER_RUN_FILES = ("last.pt", "best.pt", "summary.json", RUN_ID_FILE)  # what --overwrite removes
+CHECKPOINT_FILES = ("last.pt", "best.pt")
 
 
 def claim_output_dir(cfg: Config, resume: str | Path | None, overwrite: bool) -> None:
     """A training never replaces an earlier run's checkpoints unasked: output_dir holding last.pt or best.pt needs
-    --resume (continue that run) or --overwrite (which removes the earlier run's checkpoints, summary and run id
-    first, so nothing of it is mistaken for the new run's)."""
+    --resume (continue that run) or --overwrite (which removes the earlier run's checkpoints and summary first, so
+    nothing of it is mistaken for the new run's; its run id goes when the new run opens, in tracked_run)."""
     folder = Path(cfg.output_dir)
-    found = [name for name in EARLIER_RUN_FILES[:2] if (folder / name).is_file()]
+    found = [name for name in CHECKPOINT_FILES if (folder / name).is_file()]
     if not found or resume:
         return
     if not overwrite:
         raise ConfigError(f"output_dir {folder} holds an earlier run's checkpoints ({', '.join(found)}): "
                           f"--resume {folder / 'last.pt'} continues it, --overwrite replaces it, "
                           f"output_dir=OTHER trains beside it")
-    for name in EARLIER_RUN_FILES:
+    for name in (*CHECKPOINT_FILES, "summary.json"):
         (folder / name).unlink(missing_ok=True)
 
 
@@ -230,7 +230,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str, settings, out_
     if pseudo_split:
         jobs.append(EvalJob(cfg, checkpoint, pseudo_split, PSEUDO_LABELS, settings, str(out_dir),
                             name=f"pseudo_{pseudo_split}", limit=limit, shard_size=shard_size))
-    total = [len(job.source()) for job in jobs][0]  # every split exists and fits before the first image is scored
+    sizes = [len(job.source()) for job in jobs]  # opens every split: a missing one fails before any image is scored
+    total = sizes[0]
     subset = subset_note(cfg, split, min(total, limit) if limit else total, total)
     score_shards = _shard_scorer(launch)
     parent = read_run_id(Path(checkpoint).parent)

@@ -7,6 +7,7 @@ from toco.data.datasets import (
     FolderSource,
     ImageFiles,
     Sample,
+    Source,
     image_paths,
     coco_source,
     labels_from_mask,
@@ -35,7 +36,8 @@ from toco.data.transforms import (
 )
 
 __all__ = [
-    "COCO_CLASS_NAMES", "IGNORE_INDEX", "VOC_CLASS_NAMES", "DatasetError", "FolderSource", "ImageFiles", "Sample", "image_paths", "DATASETS", "build_source", "check_splits",
+    "COCO_CLASS_NAMES", "IGNORE_INDEX", "VOC_CLASS_NAMES", "DatasetError", "FolderSource", "ImageFiles", "Sample",
+    "Source", "image_paths", "DATASETS", "build_source", "check_splits",
     "class_names",
     "coco_source", "labels_from_mask", "save_mask_png", "synthetic_folder_source", "voc_palette", "voc_source",
     "SYNTH_CLASS_NAMES", "SyntheticSource", "generate_sample", "trivial_baselines", "write_synthetic",

@@ -1,7 +1,8 @@
 """Dataset sources: VOC 2012, COCO 2014, the synthetic benchmark written to disk, image files (`toco predict`).
 
-A source is an indexable list of samples. One sample = name, image uint8 (H,W,3) RGB, mask uint8 (H,W) (class ids,
-255 = ignore; None where a split has no masks) and cls_label float32 (C-1,) multi-hot of the foreground classes.
+A source (the protocol `Source`) is an indexable list of samples. One sample = name, image uint8 (H,W,3) RGB,
+mask uint8 (H,W) (class ids, 255 = ignore; None where a split has no masks) and cls_label float32 (C-1,) multi-hot
+of the foreground classes.
 Image-level labels are derived from the masks' class sets lazily, per image, and cached; `load_for_training`
 returns them without the mask so the training code never sees pixel labels.
 
@@ -10,7 +11,7 @@ Every bad input raises `DatasetError` naming the file and what is wrong with it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,24 @@ _IMAGE_EXTS = (".jpg", ".png")
 
 class DatasetError(UserError):
     """Bad dataset input; the message names the offending file."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What every dataset source is (FolderSource, SyntheticSource, ImageFiles): `toco.data.registry` opens one per
+    split, the training reads `load_for_training`, the evaluation and `toco predict` read `load`."""
+    names: list[str]                 # one per sample, unique: what prediction files and reports are named after
+    num_classes: int                 # including background
+    class_names: tuple[str, ...]     # num_classes of them, background first
+    has_masks: bool                  # False: `load` gives no mask and no label (VOC test, image files)
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> "Sample":
+        """Sample i whole; a bad file raises DatasetError naming it."""
+
+    def load_for_training(self, i: int) -> "Sample":
+        """Sample i without its mask (the training never sees pixel labels); DatasetError without labels."""
 
 
 class Sample(NamedTuple):
@@ -206,6 +225,9 @@ class ImageFiles:
 
     def load(self, i: int) -> Sample:
         return Sample(self.names[i], read_image(Path(self.paths[i])), None, None)
+
+    def load_for_training(self, i: int) -> Sample:
+        raise DatasetError(f"{self.paths[i]}: image files have no labels to train on")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from toco.data.datasets import (COCO_CLASS_NAMES, VOC_CLASS_NAMES, DatasetError, coco_source,
+from toco.data.datasets import (COCO_CLASS_NAMES, VOC_CLASS_NAMES, DatasetError, Source, coco_source,
                                 synthetic_folder_source, voc_source)
 from toco.data.synthetic import SYNTH_CLASS_NAMES, SyntheticSource
 
 
 class DatasetKind(NamedTuple):
     class_names: tuple[str, ...]  # background first; a config with fewer classes uses the first ones
-    open: Callable                # (DataConfig, split) -> source
+    open: Callable[..., Source]   # (DataConfig, split) -> the split's source (toco.data.datasets.Source)
+    fusion: str = "voc"           # the protocol's test-time fusion (toco.evaluation.inference.FUSIONS): "voc" sums
+    #                               an image's and its flip's logits and takes the max over scales, "coco" the reverse
 
 
 def _root(data_cfg) -> str:
@@ -37,7 +39,7 @@ def _synthetic(data_cfg, split: str):
 
 DATASETS = {
     "voc": DatasetKind(VOC_CLASS_NAMES, lambda d, split: voc_source(_root(d), split, d.list_dir)),
-    "coco": DatasetKind(COCO_CLASS_NAMES, lambda d, split: coco_source(_root(d), split, d.list_dir)),
+    "coco": DatasetKind(COCO_CLASS_NAMES, lambda d, split: coco_source(_root(d), split, d.list_dir), "coco"),
     "synthetic": DatasetKind(SYNTH_CLASS_NAMES, _synthetic),
 }
 
@@ -48,7 +50,7 @@ def dataset_kind(data_cfg) -> DatasetKind:
     return DATASETS[data_cfg.name]
 
 
-def build_source(data_cfg, split: str):
+def build_source(data_cfg, split: str) -> Source:
     """The source of `split` as a `toco.config.DataConfig` describes it; its class count must be the config's."""
     source = dataset_kind(data_cfg).open(data_cfg, split)
     if source.num_classes != data_cfg.num_classes:

@@ -8,7 +8,7 @@ every metric stay in float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -22,6 +22,7 @@ MS_SCALES = (1.0, 1.25, 1.5)  # test-time scales, each with its flip (docs/metho
 # bilateral (sxy 121, srgb 5, compat 4) on the uint8 RGB image (docs/method.md §5.3)
 CRF_PARAMS = dict(n_iter=10, gauss_sxy=1.0, gauss_compat=1.0, bil_sxy=121.0, bil_srgb=5.0, bil_compat=4.0)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FUSIONS = ("voc", "coco")  # how the scales and flips combine (`segment`); a dataset's protocol names one
 
 
 @dataclass
@@ -37,8 +38,15 @@ class InferenceSettings:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the network's arithmetic (autocast)
 
     @classmethod
-    def from_flags(cls, ms: bool, crf: bool, dataset: str, **kwargs) -> "InferenceSettings":
-        return cls(MS_SCALES if ms else (1.0,), ms, "coco" if dataset == "coco" else "voc", crf, **kwargs)
+    def from_config(cls, cfg, **changes) -> "InferenceSettings":
+        """The settings of a config's `inference:` section, with the fusion rule of its dataset
+        (toco.data.registry) and `changes` (what command-line flags set) over them."""
+        from toco.data.registry import dataset_kind
+
+        section = cfg.inference
+        settings = cls(tuple(section.scales), section.flip, dataset_kind(cfg.data).fusion, section.crf,
+                       section.crf_backend, section.resize, precision=section.precision)
+        return replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
     @property
     def name(self) -> str:
@@ -104,8 +112,8 @@ def segment(model, image: torch.Tensor, scales=(1.0,), flip: bool = False, fusio
 
 
 def _segment(model, image, scales, flip, fusion, out_size, precision):
-    if fusion not in ("voc", "coco"):
-        raise ValueError(f"fusion must be 'voc' or 'coco', got {fusion!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     b, _, h, w = image.shape
     out_size = tuple(out_size or (h, w))
     patch = getattr(model, "patch_size", 1)

@@ -114,7 +114,7 @@ class ShardScorer:
         self.job = job
         if threads or job.cfg.train.threads:
             torch.set_num_threads(threads or job.cfg.train.threads)
-        self.device = torch.device(device) if device is not None else resolve_device(job.cfg.train.device)
+        self.device = torch.device(device) if device is not None else resolve_device(job.cfg.inference.device)
         self.model = load_trained_model(job.cfg, job.checkpoint, self.device)
         self.source = job.source()
         self.scorer = ImageScorer(self.model, job.cfg, job.metrics, job.settings, self.device,

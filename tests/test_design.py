@@ -83,3 +83,54 @@ def test_no_modules_import_each_other_in_a_circle():
 def test_every_module_has_a_layer():
     for module in MODULES:
         layer_of(module)
+
+
+MAX_MODULE_LINES = 550  # docs/design.md: a module that outgrows this is split by what it does
+
+
+def test_no_module_outgrows_its_size():
+    sizes = {module: len(path.read_text().splitlines()) for module, path in
+             ((module_name(p), p) for p in PACKAGE.rglob("*.py"))}
+    assert {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_the_package_list_names_every_package_and_the_kernel_sources():
+    """pyproject.toml lists the packages (setuptools cannot find csrc/, the kernels it maps to toco.csrc)."""
+    import tomllib
+
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert set(setuptools["packages"]) == packages | {"toco.csrc"}
+    assert setuptools["package-dir"] == {"toco.csrc": "csrc"}
+
+
+def test_an_installed_wheel_ships_the_kernel_sources_and_shares_the_checkouts_build(tmp_path):
+    """A non-editable install compiles the same sources into the same build folder as the checkout: one build per
+    machine, whichever copy of toco (a checkout, a wheel, a Ray job's working dir) asks first."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    import toco.kernels
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PACKAGE.parent / name, tree / name)
+    for name in ("toco", "csrc"):
+        shutil.copytree(PACKAGE.parent / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(tree)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("toco-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    sources = sorted(p.name for p in toco.kernels.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h"))
+    assert sorted(p.name for p in (tmp_path / "site" / "toco" / "csrc").iterdir()) == sources
+    probe = ("import toco.kernels as k; print(k.CSRC); "
+             "print(k._staged('toco_cpu', [k.CSRC / 'permutohedral_cpu.cpp'])[0])")
+    installed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    csrc, build = installed.stdout.split()
+    assert Path(csrc) == tmp_path / "site" / "toco" / "csrc"
+    assert Path(build) == toco.kernels._staged("toco_cpu", [toco.kernels.CSRC / "permutohedral_cpu.cpp"])[0]

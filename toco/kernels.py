@@ -19,7 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# the kernel sources: csrc/ beside the package in a checkout, the package data toco/csrc in an installed wheel
+_HERE = Path(__file__).resolve().parent
+CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 DEFAULT_CUDA_ARCH = "8.0"  # with PTX, which newer GPUs run through the driver's JIT
 COMPILE_TIME = {"cpu": "1 min", "cuda": "2-5 min"}  # measured on 2 shared cores (docs/results.md)

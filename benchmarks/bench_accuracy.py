@@ -13,12 +13,11 @@ import statistics
 import pytest
 
 from compare import GATED, accuracy_table, tiered_gate
-from support import BASELINES
+from support import SEED_SPREAD
 from toco.checkpoint import load_trained_model
 from toco.data import build_source
 from toco.evaluation import MS_SCALES, PSEUDO_LABELS, InferenceSettings, evaluate_model
 
-SEED_SPREAD = BASELINES / "accuracy_seed_spread.json"
 
 
 def miou_seg(model, cfg, source, settings) -> float:

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import compare
 from machine import machine_class
+from support import ROOT, SEED_SPREAD
 
 HARNESS = Path(__file__).resolve().parent
-ROOT = HARNESS.parent
-SEED_SPREAD = ROOT / "benchmarks" / "baselines" / "accuracy_seed_spread.json"
 SETUP_TIMEOUT_S = 900     # the first setup of a revision compiles its kernels (minutes on a busy machine)
 ROUND_TIMEOUT_S = 300
 TRAIN_TIMEOUT_S = 3600

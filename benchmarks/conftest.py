@@ -36,14 +36,12 @@ class TrainedCheckpoints:
     def train(self, seeds) -> None:
         """Train the accuracy recipe from `seeds` on the CPU, side by side on one torch thread each: the same
         weights on every run of the same machine."""
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
-
         from cases import train_accuracy_recipe
+        from support import spawn_pool
 
         folders = [str(self.folder / f"seed_{seed}") for seed in seeds]
         start = time.perf_counter()
-        with ProcessPoolExecutor(len(seeds), mp_context=get_context("spawn")) as pool:
+        with spawn_pool(len(seeds)) as pool:
             self.metrics += list(pool.map(train_accuracy_recipe, seeds, folders, [1] * len(seeds)))
         self.train_seconds += time.perf_counter() - start
         self.paths += [Path(f) / "last.pt" for f in folders]

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file (tests/test_gpu_check.py)
+from support import ROOT  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
 
 from inputs import flat_photo, photo, photo_batch, probability_maps  # noqa: E402
 from machine import machine_class  # noqa: E402

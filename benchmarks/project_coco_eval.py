@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file (tests/test_gpu_check.py)
+from support import ROOT  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
 
 from gpu_check import timed  # noqa: E402
 from inputs import photo, probability_maps  # noqa: E402

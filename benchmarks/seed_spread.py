@@ -28,16 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import compare
 from machine import machine_class
-from support import ACCURACY, BASELINES, ROOT, recipe_digest
+from support import ACCURACY, ROOT, SEED_SPREAD as SPREAD_FILE, recipe_digest, spawn_pool
 
 sys.path.insert(0, str(ROOT))  # this tree's toco, whichever tree the venv was installed from
 
-SPREAD_FILE = BASELINES / "accuracy_seed_spread.json"
 RESULTS = ROOT / "runs" / "seed_spread" / "results.jsonl"  # every training as it ends: an interrupted spread resumes
 
 
@@ -147,11 +144,11 @@ def main() -> None:
             f.write(json.dumps(run) + "\n")
 
     todo = [s for s in range(args.seeds) if (s, 1) not in done]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+    with spawn_pool(args.jobs) as pool:
         for run in pool.map(train_seed, todo, [1] * len(todo), [tuple(args.reuse)] * len(todo)):
             record(run, 1)
     todo = [s for s in range(paired) if (s, 2) not in done]
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # two threads: one training at a time
+    with spawn_pool(1) as pool:  # two threads: one training at a time
         for run in pool.map(train_seed, todo, [2] * len(todo)):
             record(run, 2)
     strip = ("threads", "recipe_digest")

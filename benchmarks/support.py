@@ -14,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ROOT / "benchmarks" / "baselines"
+SEED_SPREAD = BASELINES / "accuracy_seed_spread.json"  # the accuracy gate's reference (`make bench-seed-spread`)
 
 # the embedded synthetic experiment as it is (96-px images, a 3-block ViT of width 128): "the tiny CPU model"
 TINY = ["tracking.enabled=false", "data.num_workers=0"]
@@ -30,6 +31,15 @@ ACCURACY = ["tracking.enabled=false"]
 # the same (recipe_digest), and bench-check then compares with it instead of training the reference
 RECIPE_FILES = ("toco", "csrc", "experiments/synthetic.yaml", "experiments/pretrained", "benchmarks/support.py",
                 "benchmarks/cases.py")
+
+
+def spawn_pool(jobs: int):
+    """A pool of `jobs` fresh processes (spawned, not forked: each training starts from a clean torch with its own
+    thread count), for trainings side by side."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
 
 
 def recipe_digest(commit: str | None = None, root: Path = ROOT) -> str:

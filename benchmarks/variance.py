@@ -20,11 +20,10 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT, spawn_pool  # noqa: E402 (beside this script)
+
 sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "experiments" / "synthetic.yaml"
@@ -135,7 +134,7 @@ def run_studies(studies: list[str], out: Path, jobs: int, extra: list[str]) -> N
     todo = [(n, o) for s in studies for n, o in STUDIES[s] if n not in _done(results)]
     todo = list(dict(todo).items())  # a run shared by two studies trains once
     print(f"{len(todo)} trainings, {jobs} at a time: {', '.join(n for n, _ in todo)}", flush=True)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+    with spawn_pool(jobs) as pool:
         futures = {pool.submit(train_and_score, n, o, str(out), extra): n for n, o in todo}
         for future in futures:
             record = future.result()

@@ -155,6 +155,11 @@ def test_cli_training_logs_everything_to_mlflow(tiny_cfg, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["loss.w_ptc"] == str(tiny_cfg.loss.w_ptc) and run.data.params["data.name"] == "synthetic"
     assert {"git_commit", "dataset", "backbone"} <= set(run.data.tags)
+    # the description, which the UI shows first, holds the headline mIoUs (the list of metrics sorts them last)
+    note = run.data.tags["mlflow.note.content"].splitlines()
+    assert note[2].startswith("| segmentation mIoU | CAM mIoU |")
+    assert note[4] == "| " + " | ".join(f"{summary[f'val/miou_{k}']:.4f}" for k in ("seg", "cam", "aux_cam", "cam_par")
+                                        if f"val/miou_{k}" in summary) + " |"
     for key in ("train/cls", "train/ptc", "train/ctc", "train/seg", "train/reg", "lr/encoder", "train/iters_per_s",
                 "val/miou_seg", "val/miou_cam", "val/miou_aux_cam", "val/cls_f1"):
         assert key in run.data.metrics, key

@@ -367,6 +367,7 @@ def test_eval_cli_writes_the_summary_and_an_evaluation_run_nested_under_its_trai
     assert run.data.metrics["eval/miou_seg"] == pytest.approx(summary["metrics"]["miou_seg"])
     assert "pseudo_train/miou_cam" in run.data.metrics and "eval/iou_seg/background" in run.data.metrics
     assert run.data.params["crf"] == "True"
+    assert run.data.tags["mlflow.note.content"].splitlines()[-1] == f"| {summary['metrics']['miou_seg']:.4f} |"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "per_class_iou.txt", "pseudo_train"} <= artifacts
 

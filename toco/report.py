@@ -12,11 +12,23 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+# the numbers a run is judged by, first: (name, metric key after "miou_")
+HEADLINE = (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"), ("pseudo labels (CAM + PAR)", "cam_par"))
+
+
+def headline_note(metrics: dict[str, float], prefix: str, description: str | None = None) -> str:
+    """A run's description in the MLflow UI, which it shows above everything else (its list of metrics sorts the
+    mIoUs below the learning rates): the config's description, then the headline mIoUs as a Markdown table."""
+    found = [(name, metrics[f"{prefix}miou_{key}"]) for name, key in HEADLINE if f"{prefix}miou_{key}" in metrics]
+    rows = ["| " + " | ".join(f"{name} mIoU" for name, _ in found) + " |", "|---" * len(found) + "|",
+            "| " + " | ".join(f"{value:.4f}" for _, value in found) + " |"]
+    return (f"{description}\n\n" if description else "") + f"`{prefix}`\n\n" + "\n".join(rows)
+
+
 def training_report(summary: dict, baselines: dict[str, float] | None) -> str:
     """A finished training's val mIoUs, beside what trivial predictions score on the same images."""
     rows = [dict(method=f"ToCo {name}", miou=f"{summary[f'val/miou_{key}']:.4f}")
-            for name, key in (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"),
-                              ("pseudo labels (CAM + PAR)", "cam_par")) if f"val/miou_{key}" in summary]
+            for name, key in HEADLINE if f"val/miou_{key}" in summary]
     rows += [dict(method=f"trivial: {k}", miou=f"{v:.4f}") for k, v in (baselines or {}).items()]
     return (f"validation, {summary['iterations']} iterations in {summary['wall_s']:.0f} s\n"
             + table(rows, ["method", "miou"]))

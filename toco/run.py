@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from toco.config import Config, ConfigError
+from toco.report import headline_note
 
 RUN_ID_FILE = "mlflow_run_id"  # beside a run's checkpoints: a resumed run, its evaluations and trials find it
 
@@ -184,6 +185,7 @@ def run_training(cfg: Config, label: str | None = None, resume: str | None = Non
             outcome = Trainer(cfg, run.logger, resume).fit()
         run.summary.update(outcome.metrics, iterations=outcome.iteration, best_miou_seg=outcome.best_miou,
                            output_dir=str(outcome.output_dir))
+        run.logger.describe(headline_note(outcome.metrics, "val/", cfg.description))
     return run.summary
 
 
@@ -278,6 +280,7 @@ def _log_evaluation(logger, out_dir: Path, results) -> None:
         metrics = dict(summary["metrics"], images_per_s=summary["images_per_s"])
         logger.log_evaluation(folder, metrics, summary["per_class_iou"], 0, scope,
                               artifact_path=None if folder == out_dir else folder.name)
+    logger.describe(headline_note({f"{prefix}{k}": v for k, v in results[0][3]["metrics"].items()}, prefix))
 
 
 def _refuse_to_replace(out: Path, inputs: list[str], names: list[str], resume: bool) -> None:

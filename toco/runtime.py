@@ -16,6 +16,7 @@ class Logger(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_evaluation(self, folder: Path, metrics: dict[str, float], per_class_iou: dict, step: int, prefix: str,
                        artifact_path: str | None = None) -> None: ...
+    def describe(self, text: str) -> None: ...  # the run's description: what the UI shows first
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -33,6 +34,9 @@ class NullLogger:
         pass
 
     def log_evaluation(self, folder, metrics, per_class_iou, step, prefix, artifact_path=None):
+        pass
+
+    def describe(self, text):
         pass
 
     def end(self, status="FINISHED"):

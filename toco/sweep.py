@@ -209,6 +209,9 @@ class SeedLogger:
         self.logger.log_evaluation(folder, metrics, per_class_iou, step, self.prefix + prefix,
                                    self.prefix + (artifact_path or ""))
 
+    def describe(self, text):
+        pass  # one seed does not describe the trial
+
     def end(self, status="FINISHED"):
         pass
 

@@ -235,5 +235,9 @@ class MLflowLogger:
                 self.mlflow.log_image(image.convert("RGB"), key=f"{prefix}{picture.stem}", step=step)
         self.mlflow.log_artifacts(str(folder), artifact_path)
 
+    def describe(self, text: str) -> None:
+        """The run's description (Markdown), which the UI shows at the top of the run's page."""
+        retry_locked(lambda: self.client.set_tag(self.run_id, "mlflow.note.content", text))
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -10,7 +10,7 @@ import yaml
 from conftest import TINY_RUN
 from toco.config import ConfigError, load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # the session's Ray cluster (conftest)
+# the tests that start Ray are slow and share one test process (xdist group "ray": the session's Ray cluster)
 
 REPO = Path(__file__).resolve().parents[1]
 # the spec's overrides set each trial's length and report interval: the command line must not replace them
@@ -63,8 +63,36 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
     experiment = load_config(REPO / "experiments" / "synthetic.yaml")  # trial 1 replays the experiment's values
     assert cfg.output_dir.startswith("/") and spec.default_params() == {
         "loss.w_ptc": experiment.loss.w_ptc, "pseudo.bkg_thre": experiment.pseudo.bkg_thre}
+    with pytest.raises(ConfigError, match="space.loss.w_ptc.choice needs a list of values"):
+        load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"choice": 0.2}}))
 
 
+def test_the_sweep_reads_its_experiment_once_and_tune_and_optuna_see_the_same_space(tmp_path, monkeypatch):
+    """One Distribution per swept key gives both spaces: randint's high is included in both (Tune's is
+    exclusive), log scales agree, and the experiment YAML is read once however many trials are made."""
+    import toco.sweep
+    from toco.sweep import Distribution, load_sweep
+
+    pytest.importorskip("ray")
+    pytest.importorskip("optuna")
+    reads = []
+    monkeypatch.setattr(toco.sweep, "load_config", lambda *a, **k: reads.append(a) or load_config(*a, **k))
+    spec = load_sweep(_write_spec(tmp_path, space={"train.batch_size": {"randint": [2, 5]},
+                                                   "loss.w_ptc": {"loguniform": [0.05, 1.0]},
+                                                   "pseudo.bkg_thre": {"choice": [0.45, 0.5, 0.55]}}))
+    for batch in (2, 3, 4, 5):
+        assert spec.trial_config({"train.batch_size": batch}).train.batch_size == batch
+    assert len(reads) == 1
+    batch, w_ptc, bkg = (spec.space[k] for k in ("train.batch_size", "loss.w_ptc", "pseudo.bkg_thre"))
+    assert batch == Distribution("randint", (2, 5)) and 5 in batch and 6 not in batch and 0.5 in bkg
+    assert (batch.tune().lower, batch.tune().upper) == (2, 6) and (batch.optuna().low, batch.optuna().high) == (2, 5)
+    assert w_ptc.optuna().log and (w_ptc.tune().lower, w_ptc.tune().upper) == (0.05, 1.0)
+    assert bkg.tune().categories == [0.45, 0.5, 0.55] and bkg.optuna().choices == (0.45, 0.5, 0.55)
+    assert spec.as_json()["space"]["train.batch_size"] == {"randint": [2, 5]}  # sweep.json as the YAML said
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_four_trial_sweep_logs_four_nested_runs_under_one_parent(ray_cluster, tmp_path, capsys):
     import mlflow
 
@@ -120,6 +148,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_to_one_fresh_sqlite_store_lose_nothing(tmp_path):
     """Four processes open a new store at once (MLflow creates its tables on first contact, which races) and
     write 60 steps x 8 metrics each."""
@@ -141,6 +170,7 @@ def test_concurrent_writers_to_one_fresh_sqlite_store_lose_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     """Ctrl-C in the middle of a trial, then `toco sweep --resume`: every trial completes, under the same parent,
     and no trial logs a step twice."""

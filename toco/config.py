@@ -409,6 +409,14 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
 
 
+def with_overrides(cfg: Config, overrides: list[str] | dict) -> Config:
+    """A copy of `cfg` with `overrides` set as load_config sets them: every key, type and range checked."""
+    cfg = copy.deepcopy(cfg)
+    _apply(cfg, _nest(overrides), Path("."))
+    _check_together(cfg)
+    return cfg
+
+
 def _check_together(cfg: Config) -> None:
     """Ranges that two values make together."""
     low, high = cfg.data.rescale_range

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from toco.config import (Config, ConfigError, absolute_paths, apply_mapping, load_config, parse_overrides,
-                         save_config)
+                         save_config, with_overrides)
 from toco.distributed.cluster import init_ray
 from toco.distributed.train import CHECKPOINT_FILE, checkpoint_folder, fit_distributed
 from toco.run import RunInterrupted, check_before_run, continue_run, read_run_id, tracked_run
@@ -36,11 +36,58 @@ from toco.run import RunInterrupted, check_before_run, continue_run, read_run_id
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """The values a swept key takes: `{uniform|loguniform|randint: [low, high]}` (randint's high included) or
+    `{choice: [values]}` in the sweep YAML, read and checked once here; Tune's and Optuna's spaces come from it."""
+    kind: str
+    args: tuple
+
+    @classmethod
+    def read(cls, key: str, raw) -> "Distribution":
+        if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in DISTRIBUTIONS):
+            raise ConfigError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
+        kind, args = next(iter(raw.items()))
+        if kind == "choice" and not (isinstance(args, list) and args):
+            raise ConfigError(f"space.{key}.choice needs a list of values, got {args!r}")
+        if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+            raise ConfigError(f"space.{key}.{kind} needs [low, high] with low < high, got {args!r}")
+        return cls(kind, tuple(args))
+
+    @property
+    def ends(self) -> tuple:
+        """The values that bound it: every choice, or low and high."""
+        return self.args
+
+    def __contains__(self, value) -> bool:
+        return value in self.args if self.kind == "choice" else self.args[0] <= value <= self.args[1]
+
+    def as_yaml(self) -> dict:
+        return {self.kind: list(self.args)}
+
+    def tune(self):
+        from ray import tune
+
+        low, high = self.args[0], self.args[-1]
+        return {"uniform": lambda: tune.uniform(low, high), "loguniform": lambda: tune.loguniform(low, high),
+                "randint": lambda: tune.randint(low, high + 1),  # Tune's high is exclusive
+                "choice": lambda: tune.choice(list(self.args))}[self.kind]()
+
+    def optuna(self):
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        low, high = self.args[0], self.args[-1]
+        return {"uniform": lambda: FloatDistribution(low, high),
+                "loguniform": lambda: FloatDistribution(low, high, log=True),
+                "randint": lambda: IntDistribution(low, high),
+                "choice": lambda: CategoricalDistribution(self.args)}[self.kind]()
+
+
 @dataclass
 class SweepSpec:
     name: str                              # folder runs/sweeps/<name> and the MLflow parent run's name
     config: str                            # experiment YAML every trial starts from (relative to the sweep YAML)
-    space: dict[str, dict]                 # dotted config key -> {uniform|loguniform|randint: [lo, hi]} | {choice: [...]}
+    space: dict[str, Distribution]        # dotted config key -> the values it takes (read from the YAML's mapping)
     overrides: dict[str, typing.Any] = field(default_factory=dict)  # dotted key -> value, for every trial
     metric: str = "val/miou_seg"           # a validation metric, or `objective`
     mode: typing.Literal["max", "min"] = "max"
@@ -62,16 +109,25 @@ class SweepSpec:
     time_budget_s: float | None = None     # stop launching and stop running trials after this long
     cli_overrides: list[str] = field(default_factory=list)  # key=value from the command line, after `overrides`
     cwd: str = "."                         # relative paths in the configs are relative to this folder
+    experiment: Config | None = field(default=None, repr=False)  # `config` with the overrides, resolved once
+
+    def resolve(self) -> None:
+        """Read the experiment with the sweep's and the command line's overrides (no swept key among them)."""
+        self.experiment = load_config(self.config, {**self.overrides, **parse_overrides(self.cli_overrides)})
 
     def trial_config(self, params: dict) -> Config:
-        """The experiment with the sweep's overrides and one trial's parameters; paths made absolute."""
-        cfg = load_config(self.config, {**self.overrides, **params, **parse_overrides(self.cli_overrides)})
+        """The experiment with one trial's parameters; paths made absolute."""
+        cfg = with_overrides(self.experiment, params)
         cfg.train.ckpt_every = cfg.train.eval_every  # a report (= checkpoint) must carry the metric
         return absolute_paths(cfg, base=self.cwd)
 
     def default_params(self) -> dict:
-        cfg = load_config(self.config, {**self.overrides, **parse_overrides(self.cli_overrides)})
-        return {key: _get(cfg, key) for key in self.space}
+        return {key: _get(self.experiment, key) for key in self.space}
+
+    def as_json(self) -> dict:
+        """What sweep.json holds: the spec as its YAML gave it, resolved."""
+        return dict({k: v for k, v in asdict(self).items() if k != "experiment"},
+                    space={key: dist.as_yaml() for key, dist in self.space.items()})
 
 
 def _get(cfg: Config, dotted: str):
@@ -87,7 +143,7 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(SweepSpec)} - {"cli_overrides", "cwd"}
+    known = {f.name for f in fields(SweepSpec)} - {"cli_overrides", "cwd", "experiment"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"sweep {path}: unknown keys {unknown}; known: {sorted(known)}")
@@ -112,26 +168,23 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         raise ConfigError(f"sweep {path}: seeds must be distinct integers, got {spec.seeds!r}")
     if spec.seeds and spec.workers > 1:
         raise ConfigError(f"sweep {path}: seeds need workers: 1 (a trial trains its seeds in its own process)")
-    for key, dist in spec.space.items():
-        if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
-            raise ConfigError(f"sweep {path}: space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, "
-                              f"got {dist!r}")
-        kind, args = next(iter(dist.items()))
-        if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
-            raise ConfigError(f"sweep {path}: space.{key}.{kind} needs [low, high] with low < high, got {args!r}")
+    try:
+        spec.space = {key: Distribution.read(key, raw) for key, raw in spec.space.items()}
+    except ConfigError as err:
+        raise ConfigError(f"sweep {path}: {err}") from None
     pinned = sorted(set(spec.space) & {*spec.overrides, *parse_overrides(spec.cli_overrides)})
     if pinned:  # an override would fix the value in every trial while Optuna reports it as tuned
         raise ConfigError(f"sweep {path}: {', '.join(pinned)} is swept (space) and also set by an override; "
                           f"drop the override, or the key from space")
+    spec.resolve()
     cfg = spec.trial_config({})  # the experiment, the overrides and every swept key must exist and type-check
     for key, dist in spec.space.items():
-        kind, args = next(iter(dist.items()))
-        for probe in (args if kind == "choice" else args[:2]):
+        for probe in dist.ends:
             try:
                 spec.trial_config({key: probe})
             except ConfigError as err:
                 raise ConfigError(f"sweep {path}: space.{key}: {err}") from None
-        if spec.evaluate_default and not _inside(_get(cfg, key), kind, args):
+        if spec.evaluate_default and _get(cfg, key) not in dist:
             raise ConfigError(f"sweep {path}: the experiment's {key}={_get(cfg, key)} lies outside space.{key}; "
                               "widen the range or set evaluate_default: false")
     validated = {f"val/miou_{m}" for m in cfg.train.val_metrics if m != "cls"} | {"val/cls_f1"}
@@ -145,23 +198,6 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         raise ConfigError(f"sweep {path}: grace_period={spec.grace_period} must lie in 1..train.max_iters "
                           f"({cfg.train.max_iters})")
     return spec
-
-
-def _inside(value, kind: str, args) -> bool:
-    if kind == "choice":
-        return value in args
-    return args[0] <= value <= args[1]
-
-
-def _tune_space(space: dict[str, dict]) -> dict:
-    from ray import tune
-
-    out = {}
-    for key, dist in space.items():
-        kind, args = next(iter(dist.items()))
-        out[key] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-                    "randint": lambda a: tune.randint(a[0], a[1] + 1), "choice": tune.choice}[kind](args)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -308,7 +344,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
             raise ConfigError(f"{sweep_dir} holds an earlier sweep: --resume to continue it, --restart to start over")
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(json.dumps(asdict(spec), indent=1))
+    (sweep_dir / "sweep.json").write_text(json.dumps(spec.as_json(), indent=1))
 
     base = spec.trial_config({})
     check_before_run(base, workers=spec.workers)  # a typo in the experiment fails before Ray starts
@@ -327,7 +363,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path | None = None, resume: bool =
             if resume:
                 tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
             else:
-                tuner = tune.Tuner(trainable, param_space=_tune_space(spec.space),
+                tuner = tune.Tuner(trainable, param_space={key: dist.tune() for key, dist in spec.space.items()},
                                    tune_config=_tune_config(spec, base),
                                    run_config=tune.RunConfig(
                                        name="tune", storage_path=str(sweep_dir),
@@ -459,15 +495,9 @@ def plot_sweep(spec: SweepSpec, rows: list[dict], sweep_dir: Path) -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution
 
-    dists = {}
-    for key, dist in spec.space.items():
-        kind, args = next(iter(dist.items()))
-        dists[key] = {"uniform": lambda a: FloatDistribution(a[0], a[1]),
-                      "loguniform": lambda a: FloatDistribution(a[0], a[1], log=True),
-                      "randint": lambda a: IntDistribution(a[0], a[1]),
-                      "choice": lambda a: CategoricalDistribution(a)}[kind](args)
+    dists = {key: dist.optuna() for key, dist in spec.space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for r in rows:

@@ -170,7 +170,7 @@ def test_concurrent_writers_to_one_fresh_sqlite_store_lose_nothing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("ray")  # two Ray clusters at once slow each other down several times over
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     """Ctrl-C in the middle of a trial, then `toco sweep --resume`: every trial completes, under the same parent,
     and no trial logs a step twice."""

@@ -109,3 +109,32 @@ def confusion_plot(matrix: np.ndarray, class_names: list[str], path: str | Path)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_seg_against_cam(rows: list[dict], path: Path) -> Path | None:
+    """Each trial's segmentation against its CAM mIoU at the last iteration it reached, the trials no other beats
+    on both (the Pareto front) joined, the trial of the experiment's own values (evaluate_default) marked."""
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("seg") is not None and r.get("cam") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for depth in sorted({r["iteration"] for r in points}):
+        at = [r for r in points if r["iteration"] == depth]
+        ax.scatter([r["cam"] for r in at], [r["seg"] for r in at], label=f"stopped at {depth}", alpha=0.8)
+    deepest = [r for r in points if r["iteration"] == max(r["iteration"] for r in points)]
+    front = sorted((r for r in deepest if not any(o["seg"] >= r["seg"] and o["cam"] >= r["cam"] and o is not r and
+                                                   (o["seg"], o["cam"]) != (r["seg"], r["cam"]) for o in deepest)),
+                   key=lambda r: r["cam"])
+    ax.plot([r["cam"] for r in front], [r["seg"] for r in front], "k--", lw=1, label="Pareto front")
+    for row in (r for r in points if r.get("default")):
+        ax.scatter([row["cam"]], [row["seg"]], s=150, facecolors="none", edgecolors="red",
+                   label="the experiment's own values")
+    ax.set_xlabel("CAM mIoU (val, mean over the trial's seeds)")
+    ax.set_ylabel("segmentation mIoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

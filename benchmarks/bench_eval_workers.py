@@ -22,7 +22,7 @@ MODES = {"ss": InferenceSettings(), "ms_flip_crf": InferenceSettings(scales=MS_S
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     cfg = bench_config("tiny")
-    cfg.train.device = "cpu"  # a CPU benchmark: on a GPU machine the in-process path would otherwise use the GPU
+    cfg.inference.device = "cpu"  # a CPU benchmark: on a GPU machine the in-process path would otherwise use the GPU
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("eval_workers") / "model.pt"
     save_checkpoint(path, dict(model=build_model(cfg.model, cfg.data.num_classes).state_dict()))

@@ -70,6 +70,8 @@ def test_a_dotted_key_inside_a_mapping_sets_that_key_only():
     ("train.ema_decay=1", "'train.ema_decay': 1.0 is out of range; it must be in [0, 1)"),
     ("loss.ctc_temperature=0", "'loss.ctc_temperature': 0.0 is out of range; it must be > 0"),
     ("pseudo.cam_scales=[1.0, -2]", "must be > 0 for every element"),
+    ("inference.scales=[1.0, 0]", "'inference.scales': (1.0, 0.0) is out of range; it must be > 0 for every element"),
+    ("inference.resize=0", "'inference.resize': 0 is out of range; it must be >= 1"),
     ("data.rescale_range=[2.0, 1.0]", "low <= high"),
     ("pseudo.low_thre=0.8", "the low threshold must not exceed the high one"),
 ])
@@ -217,8 +219,16 @@ def test_test_time_settings_are_the_inference_section_with_the_flags_over_it():
     settings = inference_settings(cfg, parse())
     assert (settings.scales, settings.flip, settings.crf, settings.resize, settings.precision) == (
         (1.0, 1.5), True, True, 64, "bf16")
-    settings = inference_settings(cfg, parse("--ms", "--no-crf", "--crf-backend", "exact"))
+    settings = inference_settings(cfg, parse("--ms", "--no-crf", "--crf-backend", "exact", "--resize", "0"))
     assert (settings.scales, settings.flip, settings.crf, settings.crf_backend) == (MS_SCALES, True, False, "exact")
+    assert settings.resize is None and settings.name == "ms_flip_bf16"  # --resize 0: each image at its own size
+    no_ms = inference_settings(cfg, parse("--no-ms"))
+    assert (no_ms.scales, no_ms.flip, no_ms.name) == ((1.0,), False, "ss_crf_resize64_bf16")
+    assert inference_settings(cfg, parse()).name == "scales1-1.5_flip_crf_resize64_bf16"  # not --ms's folder
+    # a photo keeps its aspect ratio: predict caps the long side, never resizes to the config's square
+    predict = build_parser().parse_args(["predict", "a.png", "--checkpoint", "x.pt", "--out", "o"])
+    photo = inference_settings(cfg, predict, resize=None, max_side=96)
+    assert (photo.resize, photo.max_side, photo.scales, photo.crf) == (None, 96, (1.0, 1.5), True)
     # the fusion rule is the dataset's protocol (toco.data.registry), not a setting
     assert settings.fusion == "voc"
     cfg.data.name = "coco"

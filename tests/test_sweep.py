@@ -65,6 +65,19 @@ def test_sweep_spec_errors_name_the_key(tmp_path):
         "loss.w_ptc": experiment.loss.w_ptc, "pseudo.bkg_thre": experiment.pseudo.bkg_thre}
     with pytest.raises(ConfigError, match="space.loss.w_ptc.choice needs a list of values"):
         load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"choice": 0.2}}))
+    for bad in ([None, 1.0], [0.1], [True, 1.0], "0.1"):  # every one a line naming the key, never a TypeError
+        with pytest.raises(ConfigError, match=r"space.loss.w_ptc.uniform needs \[low, high\], two floats"):
+            load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"uniform": bad}}))
+    with pytest.raises(ConfigError, match="space.train.batch_size.randint needs .low, high., two ints"):
+        load_sweep(_write_spec(tmp_path, space={"train.batch_size": {"randint": [1.5, 4]}}))
+    with pytest.raises(ConfigError, match="loguniform needs .low, high. with 0 < low < high"):
+        load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"loguniform": [0, 1.0]}}))
+    with pytest.raises(ConfigError, match="model.backbone_kwargs.depth is swept"):  # a mapping that holds the key
+        load_sweep(_write_spec(tmp_path, space={"model.backbone_kwargs.depth": {"randint": [2, 3]}}),
+                   ["model.backbone_kwargs={depth: 3}"])
+    spec = load_sweep(_write_spec(tmp_path, space={"loss.w_ptc": {"loguniform": ["1e-2", "1"]},  # YAML 1.1 strings
+                                                   "data.rescale_range": {"choice": [[0.75, 1.5], [0.5, 2.0]]}}))
+    assert spec.space["loss.w_ptc"].args == (0.01, 1.0) and (0.75, 1.5) in spec.space["data.rescale_range"]
 
 
 def test_the_sweep_reads_its_experiment_once_and_tune_and_optuna_see_the_same_space(tmp_path, monkeypatch):

@@ -56,9 +56,11 @@ def cmd_eval(args) -> None:
     from toco.report import evaluation_report
     from toco.run import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides)
+    # the config.yaml a training saved beside its checkpoint may name keys renamed since (toco.config.RENAMED)
+    beside = Path(args.config).resolve() == (Path(args.checkpoint).parent / "config.yaml").resolve()
+    cfg = load_config(args.config, args.overrides, saved=beside)
     split = args.split or cfg.data.val_split
-    settings = inference_settings(cfg, args, **({} if args.resize is None else {"resize": args.resize or None}))
+    settings = inference_settings(cfg, args)
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval" / f"{split}_{settings.name}")
     results, run_id = evaluate_checkpoint(
         cfg, args.checkpoint, split, settings, out_dir,
@@ -209,19 +211,21 @@ def inference_settings(cfg, args, **changes):
     """The config's `inference:` section with what the flags of _add_inference_args set over it."""
     from toco.evaluation import MS_SCALES, InferenceSettings
 
-    if args.ms:
-        changes.update(scales=MS_SCALES, flip=True)
+    if args.ms is not None:  # --ms or --no-ms
+        changes.update(scales=MS_SCALES if args.ms else (1.0,), flip=args.ms)
     if args.crf is not None:
         changes["crf"] = args.crf
+    if getattr(args, "resize", None) is not None:  # --resize 0: each image at its own size
+        changes["resize"] = args.resize or None
     if getattr(args, "crf_backend", None):
         changes["crf_backend"] = args.crf_backend
     return InferenceSettings.from_config(cfg, **changes)
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ms", action="store_true",
-                   help="multi-scale (1.0, 1.25, 1.5) + flip test-time fusion (default: the config's inference.scales "
-                        "and inference.flip)")
+    p.add_argument("--ms", action=argparse.BooleanOptionalAction, default=None,
+                   help="multi-scale (1.0, 1.25, 1.5) + flip test-time fusion; --no-ms: one scale, no flip (default: "
+                        "the config's inference.scales and inference.flip)")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="DenseCRF post-processing (default: the config's inference.crf)")
 

@@ -167,7 +167,7 @@ class TrainConfig:
 class InferenceConfig:
     """How `toco eval` and `toco predict` segment an image (docs/evaluation.md); their flags override these. How
     the scales and flips are fused is the dataset's protocol (toco.data.registry)."""
-    scales: list[float] = field(default_factory=lambda: [1.0])  # --ms: the paper's 1.0, 1.25, 1.5 with flips
+    scales: tuple[float, ...] = (1.0,)   # --ms: the paper's 1.0, 1.25, 1.5 with flips
     flip: bool = False
     crf: bool = False                    # DenseCRF post-processing (--crf)
     crf_backend: Literal["auto", "cpu", "cuda", "pydensecrf", "exact"] = "auto"

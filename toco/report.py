@@ -16,10 +16,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
 HEADLINE = (("segmentation", "seg"), ("CAM", "cam"), ("aux-CAM", "aux_cam"), ("pseudo labels (CAM + PAR)", "cam_par"))
 
 
-def headline_note(metrics: dict[str, float], prefix: str, description: str | None = None) -> str:
+def headline_note(metrics: dict[str, float], prefix: str, description: str | None = None) -> str | None:
     """A run's description in the MLflow UI, which it shows above everything else (its list of metrics sorts the
-    mIoUs below the learning rates): the config's description, then the headline mIoUs as a Markdown table."""
+    mIoUs below the learning rates): the config's description, then the headline mIoUs as a Markdown table; None
+    without either."""
     found = [(name, metrics[f"{prefix}miou_{key}"]) for name, key in HEADLINE if f"{prefix}miou_{key}" in metrics]
+    if not found:
+        return description or None
     rows = ["| " + " | ".join(f"{name} mIoU" for name, _ in found) + " |", "|---" * len(found) + "|",
             "| " + " | ".join(f"{value:.4f}" for _, value in found) + " |"]
     return (f"{description}\n\n" if description else "") + f"`{prefix}`\n\n" + "\n".join(rows)

@@ -185,7 +185,9 @@ def run_training(cfg: Config, label: str | None = None, resume: str | None = Non
             outcome = Trainer(cfg, run.logger, resume).fit()
         run.summary.update(outcome.metrics, iterations=outcome.iteration, best_miou_seg=outcome.best_miou,
                            output_dir=str(outcome.output_dir))
-        run.logger.describe(headline_note(outcome.metrics, "val/", cfg.description))
+        note = headline_note(outcome.metrics, "val/", cfg.description)
+        if note:
+            run.logger.describe(note)
     return run.summary
 
 
@@ -280,7 +282,9 @@ def _log_evaluation(logger, out_dir: Path, results) -> None:
         metrics = dict(summary["metrics"], images_per_s=summary["images_per_s"])
         logger.log_evaluation(folder, metrics, summary["per_class_iou"], 0, scope,
                               artifact_path=None if folder == out_dir else folder.name)
-    logger.describe(headline_note({f"{prefix}{k}": v for k, v in results[0][3]["metrics"].items()}, prefix))
+    note = headline_note({f"{prefix}{k}": v for k, v in results[0][3]["metrics"].items()}, prefix)
+    if note:
+        logger.describe(note)
 
 
 def _refuse_to_replace(out: Path, inputs: list[str], names: list[str], resume: bool) -> None:

@@ -48,11 +48,22 @@ class Distribution:
         if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in DISTRIBUTIONS):
             raise ConfigError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
         kind, args = next(iter(raw.items()))
-        if kind == "choice" and not (isinstance(args, list) and args):
-            raise ConfigError(f"space.{key}.choice needs a list of values, got {args!r}")
-        if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
-            raise ConfigError(f"space.{key}.{kind} needs [low, high] with low < high, got {args!r}")
-        return cls(kind, tuple(args))
+        if kind == "choice":
+            if not (isinstance(args, list) and args) or any(isinstance(v, dict) for v in args):
+                raise ConfigError(f"space.{key}.choice needs a list of values (not mappings), got {args!r}")
+            return cls(kind, tuple(tuple(v) if isinstance(v, list) else v for v in args))  # as the config holds them
+        number = int if kind == "randint" else float
+        try:  # YAML 1.1 reads 1e-3 as a string; a bool or a float is no randint bound
+            if not isinstance(args, list) or len(args) != 2 or any(isinstance(v, bool) for v in args) or (
+                    number is int and not all(isinstance(v, int) for v in args)):
+                raise ValueError
+            low, high = (number(v) for v in args)
+        except (TypeError, ValueError):
+            raise ConfigError(f"space.{key}.{kind} needs [low, high], two {number.__name__}s, got {args!r}") from None
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"space.{key}.{kind} needs [low, high] with {'0 < ' if kind == 'loguniform' else ''}"
+                              f"low < high, got {args!r}")
+        return cls(kind, (low, high))
 
     @property
     def ends(self) -> tuple:
@@ -172,7 +183,9 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
         spec.space = {key: Distribution.read(key, raw) for key, raw in spec.space.items()}
     except ConfigError as err:
         raise ConfigError(f"sweep {path}: {err}") from None
-    pinned = sorted(set(spec.space) & {*spec.overrides, *parse_overrides(spec.cli_overrides)})
+    overridden = {*spec.overrides, *parse_overrides(spec.cli_overrides)}
+    pinned = sorted(key for key in spec.space for o in overridden  # the key itself, or a mapping holding it
+                    if key == o or key.startswith(o + ".") or o.startswith(key + "."))
     if pinned:  # an override would fix the value in every trial while Optuna reports it as tuned
         raise ConfigError(f"sweep {path}: {', '.join(pinned)} is swept (space) and also set by an override; "
                           f"drop the override, or the key from space")

@@ -46,11 +46,17 @@ class InferenceSettings:
         section = cfg.inference
         settings = cls(tuple(section.scales), section.flip, dataset_kind(cfg.data).fusion, section.crf,
                        section.crf_backend, section.resize, precision=section.precision)
-        return replace(settings, **{k: v for k, v in changes.items() if v is not None})
+        return replace(settings, **changes)
 
     @property
     def name(self) -> str:
-        name = "ms_flip" if len(self.scales) > 1 or self.flip else "ss"
+        """What a result folder is named after: every setting that changes the numbers."""
+        if self.scales == (1.0,) and not self.flip:
+            name = "ss"
+        elif self.scales == MS_SCALES and self.flip:
+            name = "ms_flip"
+        else:
+            name = "scales" + "-".join(f"{s:g}" for s in self.scales) + ("_flip" if self.flip else "")
         name += "_crf" if self.crf else ""
         name += f"_resize{self.resize}" if self.resize else ""
         return name + ("" if self.precision == "fp32" else f"_{self.precision}")

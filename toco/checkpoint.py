@@ -99,15 +99,14 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> int:
 
 def checkpoint_config(checkpoint: str | Path, config: str | Path | None = None, overrides=None):
     """The config a checkpoint was trained with: `config` if given, else the config.yaml the training loop saved
-    beside the checkpoint."""
+    beside the checkpoint, which may name keys renamed since (toco.config.RENAMED)."""
     from toco.config import load_config
 
-    if config is not None:
-        return load_config(config, overrides)
-    saved = Path(checkpoint).parent / "config.yaml"
-    if not saved.is_file():
+    beside = Path(checkpoint).parent / "config.yaml"
+    if config is None and not beside.is_file():
         raise CheckpointError(f"no config.yaml beside {checkpoint}: pass the training config")
-    return load_config(saved, overrides, saved=True)
+    given = Path(config) if config is not None else beside
+    return load_config(given, overrides, saved=given.resolve() == beside.resolve())
 
 
 def load_trained_model(cfg, checkpoint: str | Path, device: torch.device | str = "cpu"):

@@ -53,12 +53,11 @@ def cmd_ablation(args) -> None:
 
 def cmd_eval(args) -> None:
     """Score a checkpoint on a split (docs/evaluation.md); optionally the pseudo labels on the train split."""
+    from toco.checkpoint import checkpoint_config
     from toco.report import evaluation_report
     from toco.run import evaluate_checkpoint
 
-    # the config.yaml a training saved beside its checkpoint may name keys renamed since (toco.config.RENAMED)
-    beside = Path(args.config).resolve() == (Path(args.checkpoint).parent / "config.yaml").resolve()
-    cfg = load_config(args.config, args.overrides, saved=beside)
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     split = args.split or cfg.data.val_split
     settings = inference_settings(cfg, args)
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval" / f"{split}_{settings.name}")

@@ -23,9 +23,8 @@ def headline_note(metrics: dict[str, float], prefix: str, description: str | Non
     found = [(name, metrics[f"{prefix}miou_{key}"]) for name, key in HEADLINE if f"{prefix}miou_{key}" in metrics]
     if not found:
         return description or None
-    rows = ["| " + " | ".join(f"{name} mIoU" for name, _ in found) + " |", "|---" * len(found) + "|",
-            "| " + " | ".join(f"{value:.4f}" for _, value in found) + " |"]
-    return (f"{description}\n\n" if description else "") + f"`{prefix}`\n\n" + "\n".join(rows)
+    table = markdown([{f"{name} mIoU": f"{value:.4f}" for name, value in found}])
+    return (f"{description}\n\n" if description else "") + f"`{prefix}`\n\n" + table
 
 
 def training_report(summary: dict, baselines: dict[str, float] | None) -> str:

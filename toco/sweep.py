@@ -65,11 +65,6 @@ class Distribution:
                               f"low < high, got {args!r}")
         return cls(kind, (low, high))
 
-    @property
-    def ends(self) -> tuple:
-        """The values that bound it: every choice, or low and high."""
-        return self.args
-
     def __contains__(self, value) -> bool:
         return value in self.args if self.kind == "choice" else self.args[0] <= value <= self.args[1]
 
@@ -192,7 +187,7 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     spec.resolve()
     cfg = spec.trial_config({})  # the experiment, the overrides and every swept key must exist and type-check
     for key, dist in spec.space.items():
-        for probe in dist.ends:
+        for probe in dist.args:  # every choice, or low and high
             try:
                 spec.trial_config({key: probe})
             except ConfigError as err:
